@@ -1,0 +1,135 @@
+"""Reading and writing weight files, strictly.
+
+Every model in this project (unet.py, vae.py, clip.py, lora.py, train.py checkpoints) loads
+through these few functions, so that one rule holds everywhere (SPEC section 8):
+
+- a file that cannot be read (missing, truncated, corrupt, wrong format) gives one line of error
+  naming the file, never a traceback from deep inside torch or safetensors;
+- pickle files (.ckpt/.bin/.pt/.pth) are opened with ``torch.load(weights_only=True)`` only;
+- a state dict must match the model exactly: any missing or unexpected key, or a shape mismatch,
+  is an error that names the file and the first offending keys;
+- models are built on the meta device and take the loaded tensors by assignment, so loading
+  never holds two full copies of the weights;
+- writes are atomic (temporary file, fsync, rename): a crash never leaves a half-written file.
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class WeightsError(ValueError):
+    """A weight file that is unreadable or does not fit the model; the message is one line."""
+
+
+def read_state_dict(path):
+    """Read every tensor of a .safetensors or pickle weight file into a dict (one copy)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise WeightsError(f"{path}: empty file")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    if path.endswith(PICKLE_SUFFIXES):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError...)
+            raise WeightsError(f"{path}: not a readable weights-only torch file ({_first_line(e)})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise WeightsError(f"{path}: does not hold a flat dict of tensors")
+        return obj
+    raise WeightsError(f"{path}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")
+
+
+def read_metadata(path):
+    """The string-to-string metadata of a .safetensors file ({} when it has none)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_json(path):
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+
+
+def check_state_dict(module, state_dict, source, max_listed=5):
+    """Raise WeightsError unless ``state_dict`` has exactly the keys and shapes of ``module``."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {expected[k]}"
+                  for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" (+{len(items) - max_listed} more)" if len(items) > max_listed else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:max_listed])}{more}")
+    if problems:
+        raise WeightsError(f"{source}: weights do not fit {type(module).__name__}: " + "; ".join(problems))
+
+
+def load_strict(module, state_dict, source):
+    """Check, then load by assignment (the module may live on the meta device)."""
+    check_state_dict(module, state_dict, source)
+    float_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point() and not p.is_meta), None)
+    if float_dtype is not None:
+        state_dict = {k: v.to(float_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module
+
+
+def save_atomic(tensors, path, metadata=None):
+    """Write a .safetensors file atomically: temporary file in the same folder, fsync, rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        fsync_and_rename(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_and_rename(tmp, path):
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
