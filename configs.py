@@ -1,0 +1,55 @@
+"""Command-line configs: one dataclass per script, every field a --flag.
+
+Each script (train.py, sample.py, evaluate.py) declares its settings as a dataclass whose fields are made with
+`flag(default, help)`. `parse(Config, argv)` turns that into an argparse parser (`--max-steps` for
+`max_steps`; booleans get `--x/--no-x`), rejects unknown flags, and returns the filled dataclass;
+`describe(config)` prints it at start and `asdict(config)` is what checkpoints store.
+"""
+import argparse
+import dataclasses
+import json
+
+
+def flag(default, help, choices=None, positional=False, short=None):
+    """A dataclass field carrying its command-line help (and optional choices, or a short alias like "-o")."""
+    meta = {"help": help, "choices": choices, "positional": positional, "short": short}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def build_parser(config_cls, description=None):
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"help": meta.get("help", ""), "default": default}
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="*", **kwargs)
+            continue
+        names = ["--" + f.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+        if f.type in (bool, "bool"):
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, list):
+            parser.add_argument(*names, nargs="*", type=str, **kwargs)
+        else:
+            arg_type = type(default) if default is not None else str
+            parser.add_argument(*names, type=arg_type, choices=meta.get("choices"), **kwargs)
+    return parser
+
+
+def parse(config_cls, argv=None, description=None):
+    """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
+    args = build_parser(config_cls, description).parse_args(argv)
+    return config_cls(**vars(args))
+
+
+def describe(config):
+    """One line per field, for the log at start."""
+    width = max(len(f.name) for f in dataclasses.fields(config))
+    return "\n".join(f"  {f.name:<{width}} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+
+
+def to_json(config):
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
