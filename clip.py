@@ -7,8 +7,8 @@ Two uses in FlowSR:
 
 `CLIPTokenizer` is CLIP's byte-level BPE, matching transformers' CLIPTokenizer (the one diffusers
 feeds SD with). Module names follow transformers' CLIPTextModel / CLIPModel, so their state dicts
-load unchanged; the original SD single files (OpenCLIP text tower for SD 2.x, transformers layout
-for SD 1.x) are converted on loading (SPEC section 8).
+load unchanged; the text encoders of original SD single files (OpenCLIP text tower for SD 2.x,
+transformers layout for SD 1.x) are converted on loading by single_file.py (SPEC section 8).
 """
 import os
 import re
@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import WeightsError, load_strict, read_json, read_state_dict
+import single_file
+from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # of the RGB channels in [0, 1], CLIP's training set
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # of a transformers model folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,76 +289,17 @@ class CLIPTextModel(nn.Module):
         if os.path.isdir(path):
             folder = os.path.join(path, "text_encoder") if os.path.isdir(os.path.join(path, "text_encoder")) else path
             config = config_from_json(CLIPTextConfig, read_json(os.path.join(folder, "config.json")))
-            weights_path = weights_file(folder)
+            weights_path = find_weights_file(folder, WEIGHT_NAMES)
             state_dict = read_state_dict(weights_path)
             state_dict = {key.removeprefix("text_model."): value for key, value in state_dict.items()}
             state_dict.pop("embeddings.position_ids", None)  # a buffer older transformers saved
         else:
             weights_path = path
-            config, state_dict = text_weights_from_single_file(read_state_dict(path), path)
+            config_dict, state_dict = single_file.read_text_encoder(path)
+            config = config_from_json(CLIPTextConfig, config_dict)
         with torch.device("meta"):
             model = cls(config)
         return load_strict(model, cast(state_dict, dtype), weights_path)
-
-
-OPENCLIP_PREFIX, SD1_PREFIX = "cond_stage_model.model.", "cond_stage_model.transformer.text_model."
-OPENCLIP_RENAMES = (("transformer.resblocks.", "encoder.layers."), (".ln_1.", ".layer_norm1."),
-                    (".ln_2.", ".layer_norm2."), (".attn.out_proj.", ".self_attn.out_proj."),
-                    (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_final.", "final_layer_norm."),
-                    ("token_embedding.", "embeddings.token_embedding."),
-                    ("positional_embedding", "embeddings.position_embedding.weight"))
-
-
-def text_weights_from_single_file(checkpoint, path):
-    """(config, state dict in CLIPTextModel names) from an SD 2.x or 1.x single-file checkpoint."""
-    if any(key.startswith(OPENCLIP_PREFIX) for key in checkpoint):
-        return openclip_text_weights({k[len(OPENCLIP_PREFIX):]: v for k, v in checkpoint.items()
-                                      if k.startswith(OPENCLIP_PREFIX)}, path)
-    if any(key.startswith(SD1_PREFIX) for key in checkpoint):
-        state_dict = {k[len(SD1_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(SD1_PREFIX)}
-        state_dict.pop("embeddings.position_ids", None)
-        return config_from_shapes(state_dict, "quick_gelu", path), state_dict
-    raise WeightsError(f"{path}: no CLIP text encoder in this file "
-                       f"(no keys under {OPENCLIP_PREFIX} or {SD1_PREFIX})")
-
-
-def openclip_text_weights(openclip, path):
-    """OpenCLIP text tower -> CLIPTextModel names. SD 2.x conditions on the penultimate layer, so the
-    last resblock is dropped (ln_final is applied to the output of the one before), and so are the
-    contrastive head's text_projection and logit_scale. The fused attention in_proj is split in q, k, v."""
-    blocks = {int(key.split(".")[2]) for key in openclip if key.startswith("transformer.resblocks.")}
-    if not blocks:
-        raise WeightsError(f"{path}: no transformer.resblocks under {OPENCLIP_PREFIX}")
-    unused = f"transformer.resblocks.{max(blocks)}."
-    state_dict = {}
-    for key, value in openclip.items():
-        if key.startswith(unused) or key in ("text_projection", "logit_scale"):
-            continue
-        for old, new in OPENCLIP_RENAMES:
-            key = key.replace(old, new)
-        if key.endswith((".attn.in_proj_weight", ".attn.in_proj_bias")):
-            layer, kind = key.rsplit(".attn.in_proj_", 1)
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
-                state_dict[f"{layer}.self_attn.{name}.{kind}"] = part
-        else:
-            state_dict[key] = value
-    return config_from_shapes(state_dict, "gelu", path), state_dict
-
-
-def config_from_shapes(state_dict, hidden_act, path):
-    """A single file has no config: read the sizes off the tensors (CLIP heads are 64 wide)."""
-    def shape(key):
-        if key not in state_dict:
-            raise WeightsError(f"{path}: missing text encoder tensor {key}")
-        return state_dict[key].shape
-
-    vocab_size, width = shape("embeddings.token_embedding.weight")
-    layers = {int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.layers.")}
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width,
-                          intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
-                          num_hidden_layers=len(layers), num_attention_heads=width // 64,
-                          max_position_embeddings=shape("embeddings.position_embedding.weight")[0],
-                          hidden_act=hidden_act)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,20 +374,13 @@ class CLIPModel(nn.Module):
         projection = {"projection_dim": config.get("projection_dim", 512)}  # transformers projects both towers to it
         text_config = config_from_json(CLIPTextConfig, {**config["text_config"], **projection})
         vision_config = config_from_json(CLIPVisionConfig, {**config["vision_config"], **projection})
-        weights_path = weights_file(path)
+        weights_path = find_weights_file(path, WEIGHT_NAMES)
         state_dict = read_state_dict(weights_path)
         for buffer in ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"):
             state_dict.pop(buffer, None)  # saved by older transformers; positions are implicit here
         with torch.device("meta"):
             model = cls(text_config, vision_config)
         return load_strict(model, cast(state_dict, dtype), weights_path)
-
-
-def weights_file(folder):
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
 def cast(state_dict, dtype):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from losses import vgg16_feature_weights
 from weights import load_strict, read_state_dict
 
 VGG16_LAYERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512)
@@ -91,17 +92,9 @@ def load_dists(vgg16_path, dists_path):
     """Build DISTS on the meta device and fill it strictly from the two files."""
     with torch.device("meta"):
         model = DISTS()
-    load_strict(model.features, vgg16_trunk_weights(read_state_dict(vgg16_path)), vgg16_path)
+    load_strict(model.features, vgg16_feature_weights(read_state_dict(vgg16_path)), vgg16_path)
     load_strict(model.mixing, read_state_dict(dists_path), dists_path)
     return model.eval().requires_grad_(False)
-
-
-def vgg16_trunk_weights(state_dict):
-    """torchvision keys 'features.N.*' -> 'N.*' and the classifier dropped; a features-only dict passes as
-    it is, and any other key is kept so that the strict check reports it."""
-    if not any(k.startswith("features.") for k in state_dict):
-        return state_dict
-    return {k.removeprefix("features."): v for k, v in state_dict.items() if not k.startswith("classifier.")}
 
 
 def try_load_dists(vgg16_path, dists_path, log=print):

@@ -101,8 +101,9 @@ class LPIPS(nn.Module):
 
 
 def vgg16_feature_weights(state_dict):
-    """torchvision VGG-16 keys 'features.N.*' -> 'N.*'; the classifier is dropped; any other key is kept
-    so the strict check reports it."""
+    """torchvision VGG-16 keys 'features.N.*' -> 'N.*' (for LPIPS here and DISTS in dists.py); the
+    classifier is dropped; a features-only dict passes as it is; any other key is kept so the strict
+    check reports it."""
     if not any(k.startswith("features.") for k in state_dict):
         return state_dict
     return {k.removeprefix("features."): v for k, v in state_dict.items() if not k.startswith("classifier.")}

@@ -9,7 +9,7 @@ every encoder stage to the decoder.
 Every module carries diffusers' name (down_blocks.0.resnets.0.conv1, ...attn1.to_q, ff.net.0.proj), so
 a diffusers state dict loads with no renaming and PEFT LoRA target-module names match ours. Weights load
 from a diffusers `unet/` folder or from an original single-file checkpoint (keys
-`model.diffusion_model.input_blocks...`, SPEC section 8), renamed by `convert_ldm_unet`.
+`model.diffusion_model.input_blocks...`, SPEC section 8), which single_file.py renames.
 """
 import dataclasses
 import math
@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from weights import WeightsError, load_strict, read_json, read_state_dict
+import single_file
+from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
-LDM_PREFIX = "model.diffusion_model."
 
 # diffusers config.json keys that select features SD does not use: only these values are accepted.
 _DIFFUSERS_FIXED = {
@@ -81,8 +81,9 @@ class UNetConfig:
         for name in ("only_cross_attention", "dual_cross_attention"):
             if getattr(self, name):
                 raise ValueError(f"UNetConfig: {name}=True is not supported (Stable Diffusion does not use it)")
-        if (set(self.down_block_types) - {CROSS_ATTN_DOWN, PLAIN_DOWN}) or (set(self.up_block_types) - {CROSS_ATTN_UP, PLAIN_UP}):
-            raise ValueError(f"UNetConfig: block types {self.down_block_types} / {self.up_block_types} are not supported")
+        if not {CROSS_ATTN_DOWN, PLAIN_DOWN} >= set(self.down_block_types) or \
+                not {CROSS_ATTN_UP, PLAIN_UP} >= set(self.up_block_types):
+            raise ValueError(f"UNetConfig: block types {self.down_block_types} {self.up_block_types} not supported")
         levels = {len(self.block_out_channels), len(self.down_block_types), len(self.up_block_types), len(self.heads())}
         if len(levels) != 1:
             raise ValueError("UNetConfig: block_out_channels, block types and attention_head_dim differ in length")
@@ -311,10 +312,9 @@ class UpBlock(nn.Module):
     def __init__(self, skip_channels, prev_channels, out_channels, heads, attention, upsample, config):
         super().__init__()
         layers = config.layers_per_block + 1  # one more than the encoder: it also takes the downsampler's skip
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D((prev_channels if i == 0 else out_channels) + (skip_channels if i == layers - 1 else out_channels),
-                          out_channels, config)
-            for i in range(layers))
+        inputs = [prev_channels] + [out_channels] * (layers - 1)
+        skips = [out_channels] * (layers - 1) + [skip_channels]  # the last skip comes from the level above
+        self.resnets = nn.ModuleList(ResnetBlock2D(i + s, out_channels, config) for i, s in zip(inputs, skips))
         self.attentions = nn.ModuleList(
             Transformer2DModel(out_channels, heads, config) for _ in range(layers) if attention)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
@@ -386,135 +386,25 @@ class UNet(nn.Module):
         path = os.fspath(path)
         if os.path.isdir(os.path.join(path, "unet")):
             path = os.path.join(path, "unet")
-        if os.path.isdir(path):
-            config, state_dict, source = _read_diffusers_folder(path)
+        if os.path.isdir(path):  # config.json first: it tells a UNet folder from another model's
+            config_path = os.path.join(path, "config.json")
+            config = _parse_config(read_json(config_path), config_path)
+            source = find_weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+            state_dict = read_state_dict(source)
         else:
-            state_dict, source = _ldm_unet_state_dict(read_state_dict(path), path), path
-            config = unet_config_from_ldm(state_dict, source)
-            state_dict = convert_ldm_unet(state_dict, config)
+            config_dict, state_dict = single_file.read_unet(path)
+            config, source = _parse_config(config_dict, path), path
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         with torch.device("meta"):
             model = cls(config)
         return load_strict(model, state_dict, source).eval()
 
 
-def _read_diffusers_folder(folder):
-    config_path = os.path.join(folder, "config.json")
-    config_dict = read_json(config_path)
+def _parse_config(config_dict, source):
+    """UNetConfig of a config.json dict (or of the one single_file.py reads off tensor shapes)."""
     try:
         if not isinstance(config_dict, dict):
             raise ValueError("not a JSON object")
-        config = UNetConfig.from_diffusers(config_dict)
+        return UNetConfig.from_diffusers(config_dict)
     except (ValueError, TypeError) as e:
-        raise WeightsError(f"{config_path}: {e}") from None
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        weights_path = os.path.join(folder, name)
-        if os.path.isfile(weights_path):
-            return config, read_state_dict(weights_path), weights_path
-    raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
-
-
-def _ldm_unet_state_dict(state_dict, path):
-    """The model.diffusion_model.* tensors of an original SD checkpoint, prefix stripped."""
-    unet = {k[len(LDM_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LDM_PREFIX)}
-    if unet:
-        return unet
-    if "conv_in.weight" in state_dict:
-        raise WeightsError(f"{path}: diffusers-layout UNet weights; pass the folder holding it and its config.json")
-    raise WeightsError(f"{path}: no Stable Diffusion UNet weights (no {LDM_PREFIX}* keys)")
-
-
-def unet_config_from_ldm(state_dict, source="LDM state dict"):
-    """The UNetConfig of an original (LDM) SD UNet state dict (prefix stripped), read off tensor shapes.
-
-    Shapes give the channels, levels, depths, context width and projection type. The head count does not
-    show in any shape, so it follows the two SD families: a linear proj_in (SD 2.x) means 64 channels per
-    head, a 1x1-conv proj_in (SD 1.x) means 8 heads.
-    """
-    def shape(key):
-        if key not in state_dict:
-            raise WeightsError(f"{source}: weights do not fit a Stable Diffusion UNet (no {key})")
-        return state_dict[key].shape
-
-    in_channels = shape("input_blocks.0.0.weight")[1]
-    input_blocks = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("input_blocks."))
-    downsamplers = sorted(int(k.split(".")[1]) for k in state_dict
-                          if k.startswith("input_blocks.") and k.endswith(".0.op.weight"))
-    levels = len(downsamplers) + 1
-    stage = input_blocks // levels  # input blocks per level: the ResNets and the downsampler after them
-    if stage * levels != input_blocks or downsamplers != [stage * (i + 1) for i in range(levels - 1)]:
-        raise WeightsError(f"{source}: weights do not fit a Stable Diffusion UNet (irregular input_blocks)")
-    first_blocks = [1 + i * stage for i in range(levels)]
-    channels = tuple(shape(f"input_blocks.{b}.0.out_layers.3.weight")[0] for b in first_blocks)
-    attention = [f"input_blocks.{b}.1.proj_in.weight" in state_dict for b in first_blocks]
-    linear = len(shape("middle_block.1.proj_in.weight")) == 2
-    if linear and any(c % 64 for c in channels):
-        raise WeightsError(f"{source}: SD 2.x-style UNet with channels {channels} that are not multiples of 64")
-    depth = len({k.split(".")[3] for k in state_dict if k.startswith("middle_block.1.transformer_blocks.")})
-    try:
-        return UNetConfig(
-            in_channels=in_channels, out_channels=shape("out.2.weight")[0], block_out_channels=channels,
-            layers_per_block=stage - 1,
-            down_block_types=tuple(CROSS_ATTN_DOWN if a else PLAIN_DOWN for a in attention),
-            up_block_types=tuple(CROSS_ATTN_UP if a else PLAIN_UP for a in reversed(attention)),
-            cross_attention_dim=shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-            attention_head_dim=tuple(c // 64 for c in channels) if linear else 8,
-            use_linear_projection=linear, transformer_layers_per_block=depth)
-    except ValueError as e:
         raise WeightsError(f"{source}: {e}") from None
-
-
-_LDM_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-
-
-def _ldm_prefixes(config):
-    """(LDM prefix, diffusers prefix, is a ResNet) for every sub-module of the UNet."""
-    layers, levels = config.layers_per_block, len(config.block_out_channels)
-    yield "time_embed.0.", "time_embedding.linear_1.", False
-    yield "time_embed.2.", "time_embedding.linear_2.", False
-    yield "input_blocks.0.0.", "conv_in.", False
-    block = 1
-    for level in range(levels):
-        for i in range(layers):
-            yield f"input_blocks.{block}.0.", f"down_blocks.{level}.resnets.{i}.", True
-            yield f"input_blocks.{block}.1.", f"down_blocks.{level}.attentions.{i}.", False
-            block += 1
-        if level < levels - 1:
-            yield f"input_blocks.{block}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.", False
-            block += 1
-    yield "middle_block.0.", "mid_block.resnets.0.", True
-    yield "middle_block.1.", "mid_block.attentions.0.", False
-    yield "middle_block.2.", "mid_block.resnets.1.", True
-    block = 0
-    for level in range(levels):
-        attention = config.up_block_types[level] == CROSS_ATTN_UP
-        for i in range(layers + 1):
-            yield f"output_blocks.{block}.0.", f"up_blocks.{level}.resnets.{i}.", True
-            if attention:
-                yield f"output_blocks.{block}.1.", f"up_blocks.{level}.attentions.{i}.", False
-            if i == layers and level < levels - 1:
-                yield f"output_blocks.{block}.{2 if attention else 1}.conv.", f"up_blocks.{level}.upsamplers.0.conv.", False
-            block += 1
-    yield "out.0.", "conv_norm_out.", False
-    yield "out.2.", "conv_out.", False
-
-
-def convert_ldm_unet(state_dict, config):
-    """Rename an original (LDM) SD UNet state dict (prefix stripped) to diffusers' module names.
-
-    Keys that belong nowhere keep their name, so that strict loading reports them.
-    """
-    prefixes = list(_ldm_prefixes(config))
-    converted = {}
-    for key, tensor in state_dict.items():
-        for old, new, resnet in prefixes:
-            if key.startswith(old):
-                rest = key[len(old):]
-                if resnet:
-                    module, _, param = rest.rpartition(".")
-                    rest = f"{_LDM_RESNET_NAMES.get(module, module)}.{param}"
-                key = new + rest
-                break
-        converted[key] = tensor
-    return converted

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import WeightsError, load_strict, read_json, read_state_dict
+import single_file
+from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 EPS = 1e-6  # GroupNorm epsilon of every norm in the SD VAE
 
@@ -254,39 +255,29 @@ class AutoencoderKL(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, config=None):
         """Load a diffusers vae/ folder, a whole SD folder (with vae/), or a single weight file.
 
-        A single file may be an original LDM checkpoint (VAE keys under `first_stage_model.`, other
-        keys ignored) or a bare VAE state dict in LDM or diffusers naming; its config is read from
-        the tensor shapes. Shapes do not show norm_num_groups (32 assumed) or scaling_factor
-        (0.18215 assumed): pass `config` to override, for a folder too.
+        A single file may be an original SD checkpoint (VAE keys under `first_stage_model.`, other
+        keys not read) or a bare VAE state dict in LDM or diffusers naming; its config is read from
+        the tensor shapes (single_file.py). Shapes do not show norm_num_groups (32 assumed) or
+        scaling_factor (0.18215 assumed): pass `config` to override, for a folder too.
         """
         path = os.fspath(path)
         if os.path.isdir(os.path.join(path, "vae")):
             path = os.path.join(path, "vae")
         if os.path.isdir(path):
-            names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-            found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-            if not found:
-                raise WeightsError(f"{path}: no {' or '.join(names)} in this folder")
-            source = found[0]
-            state_dict = diffusers_names(read_state_dict(source))
+            source = find_weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+            state_dict = read_state_dict(source)
             if config is None:
                 config_path = os.path.join(path, "config.json")
-                raw_config = read_json(config_path)
                 try:
-                    config = AutoencoderKLConfig.from_diffusers(raw_config)
+                    config = AutoencoderKLConfig.from_diffusers(read_json(config_path))
                 except ValueError as e:
                     raise WeightsError(f"{config_path}: {e}") from None
         else:
-            source = path
-            state_dict = read_state_dict(source)
-            if any(k.startswith("first_stage_model.") for k in state_dict):
-                state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
-                              if k.startswith("first_stage_model.")}
-            state_dict = diffusers_names(state_dict)
-            config = config or config_from_shapes(state_dict, source)
+            source, state_dict = path, single_file.read_vae(path)
+            config = config or AutoencoderKLConfig.from_diffusers(single_file.vae_config_from_shapes(state_dict, path))
         with torch.device("meta"):
             model = cls(config)
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in current_names(state_dict).items()}
         return load_strict(model, state_dict, source)
 
 
@@ -328,67 +319,15 @@ def _ramp(n, overlap, like):
     return torch.minimum(torch.minimum(i + 1, n - i) / (overlap + 1), torch.ones_like(i))
 
 
-# Original LDM VAE names -> diffusers names (the inverse of diffusers' convert_ldm_vae_checkpoint),
-# plus the attention names of older diffusers files. Unmatched keys pass through unchanged, so a
-# stray key still fails the strict load.
-RENAMES = [
-    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
-    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
-    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
-    (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
-    (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
-    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
-    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-    (r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
-    (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
-    (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
-    (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
-]
-ATTENTION_LINEAR = re.compile(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+# Older diffusers versions named the mid-block attention layers differently (SPEC section 8).
+OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+OLD_ATTENTION = re.compile(r"\.attentions\.0\.(query|key|value|proj_attn)\.")
 
 
-def diffusers_names(state_dict):
-    """Rename an LDM-layout or old-diffusers VAE state dict to this module's (diffusers') names."""
-    # LDM numbers decoder levels from the lowest resolution up (up.0 is the last applied).
-    up_levels = {int(m[1]) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in RENAMES:
-            key = re.sub(pattern, replacement, key)
-        if up_levels:
-            key = re.sub(r"^decoder\.up\.(\d+)\.block\.",
-                         lambda m: f"decoder.up_blocks.{max(up_levels) - int(m[1])}.resnets.", key)
-            key = re.sub(r"^decoder\.up\.(\d+)\.upsample\.",
-                         lambda m: f"decoder.up_blocks.{max(up_levels) - int(m[1])}.upsamplers.0.", key)
-        if ATTENTION_LINEAR.search(key) and value.ndim == 4 and value.shape[2:] == (1, 1):
-            value = value[:, :, 0, 0]  # LDM stores these as 1x1 convolutions
-        out[key] = value
-    return out
-
-
-def config_from_shapes(state_dict, source):
-    """Read an AutoencoderKLConfig off the tensor shapes of a diffusers-named VAE state dict."""
-    def shape(key):
-        if key not in state_dict:
-            raise WeightsError(f"{source}: not an AutoencoderKL checkpoint (no {key}; expected "
-                               f"first_stage_model.* or encoder.*/decoder.* keys)")
-        return state_dict[key].shape
-
-    in_channels = shape("encoder.conv_in.weight")[1]
-    levels = layers = 0
-    while f"encoder.down_blocks.{levels}.resnets.0.conv2.weight" in state_dict:
-        levels += 1
-    while f"encoder.down_blocks.0.resnets.{layers}.conv2.weight" in state_dict:
-        layers += 1
-    return AutoencoderKLConfig(  # max(levels, 1): a file without any level fails on its first key
-        block_out_channels=tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv2.weight")[0]
-                                 for i in range(max(levels, 1))),
-        layers_per_block=layers,
-        in_channels=in_channels,
-        out_channels=shape("decoder.conv_out.weight")[0],
-        latent_channels=shape("post_quant_conv.weight")[0])
+def current_names(state_dict):
+    """Rename the attention layers of an old diffusers VAE state dict to today's names (to_q, ...)."""
+    return {OLD_ATTENTION.sub(lambda m: f".attentions.0.{OLD_ATTENTION_NAMES[m[1]]}.", k): v
+            for k, v in state_dict.items()}
 
 
 class PixelAutoencoder(nn.Module):

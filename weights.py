@@ -1,7 +1,7 @@
 """Reading and writing weight files, strictly.
 
-Every model in this project (unet.py, vae.py, clip.py, lora.py, train.py checkpoints) loads
-through these few functions, so that one rule holds everywhere (SPEC section 8):
+Every model in this project (unet.py, vae.py, clip.py, single_file.py, lora.py, train.py checkpoints)
+loads through these few functions, so that one rule holds everywhere (SPEC section 8):
 
 - a file that cannot be read (missing, truncated, corrupt, wrong format) gives one line of error
   naming the file, never a traceback from deep inside torch or safetensors;
@@ -9,7 +9,7 @@ through these few functions, so that one rule holds everywhere (SPEC section 8):
 - a state dict must match the model exactly: any missing or unexpected key, or a shape mismatch,
   is an error that names the file and the first offending keys;
 - models are built on the meta device and take the loaded tensors by assignment, so loading
-  never holds two full copies of the weights;
+  never holds two full copies of the weights; a .safetensors file can be read in part (by name prefix);
 - writes are atomic (temporary file, fsync, rename): a crash never leaves a half-written file.
 """
 import json
@@ -19,7 +19,7 @@ import zipfile
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -28,16 +28,23 @@ class WeightsError(ValueError):
     """A weight file that is unreadable or does not fit the model; the message is one line."""
 
 
-def read_state_dict(path):
-    """Read every tensor of a .safetensors or pickle weight file into a dict (one copy)."""
+def read_state_dict(path, prefix=None):
+    """Read the tensors of a .safetensors or pickle weight file into a dict (one copy).
+
+    With `prefix`, only the tensors whose names start with it (names unchanged). A .safetensors file then
+    reads just those bytes: an original SD file holds UNet, VAE and text encoder in one 5 GB file
+    (single_file.py). A pickle cannot be read in part: it is opened whole (memory-mapped) and filtered.
+    """
     path = os.fspath(path)
+    prefix = prefix or ""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise WeightsError(f"{path}: empty file")
     if path.endswith(".safetensors"):
         try:
-            return load_file(path)
+            with safe_open(path, framework="pt") as f:  # the header lists the names; tensors load on demand
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     if path.endswith(PICKLE_SUFFIXES):
@@ -49,8 +56,16 @@ def read_state_dict(path):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise WeightsError(f"{path}: does not hold a flat dict of tensors")
-        return obj
+        return {k: v for k, v in obj.items() if k.startswith(prefix)}
     raise WeightsError(f"{path}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")
+
+
+def find_weights_file(folder, names):
+    """The first of the file `names` present in `folder` (a diffusers or transformers model folder)."""
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise WeightsError(f"{folder}: no {' or '.join(names)}")
 
 
 def read_metadata(path):

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import clip
+import single_file
+import weights
 from weights import WeightsError
 
 PROMPTS = [
@@ -216,11 +218,26 @@ def test_openclip_single_file_gives_penultimate_layer(tmp_path, suffix):
         assert max_rel_diff(model(ids), openclip_penultimate(openclip, ids)) < 1e-4
 
 
+def test_single_file_reads_only_text_encoder_tensors(tmp_path, monkeypatch):
+    checkpoint = {"cond_stage_model.model." + k: v.contiguous() for k, v in build_openclip().state_dict().items()}
+    save_file({**checkpoint, "model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd.safetensors")
+    read = []
+
+    def recording(path, prefix=None):
+        tensors = weights.read_state_dict(path, prefix)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(single_file, "read_state_dict", recording)
+    clip.CLIPTextModel.from_pretrained(str(tmp_path / "sd.safetensors"))
+    assert sorted(read) == sorted(checkpoint)
+
+
 def test_openclip_key_mapping_agrees_with_diffusers():
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     openclip = build_openclip()
     checkpoint = {"cond_stage_model.model." + k: v for k, v in openclip.state_dict().items()}
-    _, ours = clip.openclip_text_weights(openclip.state_dict(), "x")
+    _, ours = single_file.openclip_text_weights(openclip.state_dict(), "x")
     theirs = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(None, checkpoint).items()}
     # diffusers hard-codes SD 2.x's dropped block (resblocks.23): the last of these 3 blocks stays in
     assert set(theirs) - set(ours) == {k for k in theirs if k.startswith("encoder.layers.2.")}

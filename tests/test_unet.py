@@ -10,7 +10,9 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
+import single_file
 import unet
+import weights
 from weights import WeightsError
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
@@ -69,7 +71,7 @@ def assert_same_output(ours, ref, z, t, context):
 
 
 def to_ldm(state_dict, config):
-    """diffusers names -> the original LDM (CompVis) names; the inverse of unet.convert_ldm_unet."""
+    """diffusers names -> the original LDM (CompVis) names; the inverse of single_file.convert_ldm_unet."""
     layers = config["layers_per_block"]
     resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -110,7 +112,7 @@ def to_ldm(state_dict, config):
 def write_single_file(ref, path):
     """An original-layout SD checkpoint: UNet under model.diffusion_model., plus VAE and text keys."""
     state_dict = ref.state_dict()
-    ldm = {unet.LDM_PREFIX + k: v for k, v in to_ldm(state_dict, ref.config).items()}
+    ldm = {single_file.UNET_PREFIX + k: v for k, v in to_ldm(state_dict, ref.config).items()}
     # diffusers' own converter maps it back exactly: the file is a genuine LDM layout
     back = convert_ldm_unet_checkpoint(ldm, dict(ref.config))
     assert back.keys() == state_dict.keys()
@@ -236,13 +238,28 @@ def test_strict_loading_errors(tmp_path):
         assert_weights_error(tmp_path / name)
 
 
+def test_single_file_reads_only_unet_tensors(tmp_path, monkeypatch):
+    write_single_file(reference(SD2_STYLE), str(tmp_path / "sd.safetensors"))
+    read = []
+
+    def recording(path, prefix=None):
+        tensors = weights.read_state_dict(path, prefix)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(single_file, "read_state_dict", recording)
+    unet.UNet.from_pretrained(tmp_path / "sd.safetensors")
+    assert read and all(k.startswith(single_file.UNET_PREFIX) for k in read)  # not the VAE nor text encoder
+
+
 def test_single_file_that_does_not_fit(tmp_path):
     ref = reference(SD1_STYLE)
     ldm = write_single_file(ref, str(tmp_path / "sd.safetensors"))
-    key = unet.LDM_PREFIX + "output_blocks.1.0.in_layers.2.weight"
+    key = single_file.UNET_PREFIX + "output_blocks.1.0.in_layers.2.weight"
     save_file({k: v for k, v in ldm.items() if k != key}, tmp_path / "missing.safetensors")
     assert_weights_error(tmp_path / "missing.safetensors", "up_blocks.0.resnets.1.conv1.weight")
-    save_file({**ldm, unet.LDM_PREFIX + "label_emb.0.0.weight": torch.zeros(4, 4)}, tmp_path / "extra.safetensors")
+    extra = {**ldm, single_file.UNET_PREFIX + "label_emb.0.0.weight": torch.zeros(4, 4)}
+    save_file(extra, tmp_path / "extra.safetensors")
     assert_weights_error(tmp_path / "extra.safetensors", "label_emb.0.0.weight")
     save_file({k: v for k, v in ldm.items() if "middle_block.1." not in k}, tmp_path / "no_mid.safetensors")
     assert_weights_error(tmp_path / "no_mid.safetensors", "middle_block.1.proj_in.weight")

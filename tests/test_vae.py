@@ -10,7 +10,9 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
+import single_file
 import vae
+import weights
 from weights import WeightsError
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -137,6 +139,21 @@ def test_ldm_single_file(tiny, tmp_path):
     bare = tmp_path / "vae-ft.ckpt"
     torch.save({"state_dict": to_ldm(diffusers_sd, levels=2)}, bare)
     assert_parity(vae.AutoencoderKL.from_pretrained(bare, config=vae.AutoencoderKLConfig(**TINY)), reference, image())
+
+
+def test_single_file_reads_only_vae_tensors(tiny, tmp_path, monkeypatch):
+    ldm = {"first_stage_model." + k: v for k, v in to_ldm(tiny[0].state_dict(), levels=2).items()}
+    save_file({**ldm, "model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd.safetensors")
+    read = []
+
+    def recording(path, prefix=None):
+        tensors = weights.read_state_dict(path, prefix)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(single_file, "read_state_dict", recording)
+    vae.AutoencoderKL.from_pretrained(tmp_path / "sd.safetensors", config=vae.AutoencoderKLConfig(**TINY))
+    assert sorted(read) == sorted(ldm)
 
 
 def test_from_pretrained_dtype(tiny):

@@ -1,0 +1,142 @@
+"""weights.py: reading part of a file by prefix, one-line errors naming the file, strict loading."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import weights
+from weights import WeightsError
+
+# A miniature original SD file: three networks told apart by prefix (SPEC section 8).
+TENSORS = {"model.diffusion_model.conv_in.weight": torch.randn(4, 2),
+           "model.diffusion_model.out.2.bias": torch.randn(3),
+           "first_stage_model.encoder.conv_in.weight": torch.randn(5),
+           "cond_stage_model.model.ln_final.bias": torch.randn(2)}
+UNET = {k for k in TENSORS if k.startswith("model.diffusion_model.")}
+
+
+@pytest.fixture(params=["safetensors", "zip pickle", "wrapped pickle"])
+def sd_file(request, tmp_path):
+    if request.param == "safetensors":
+        save_file(TENSORS, tmp_path / "sd.safetensors")
+        return tmp_path / "sd.safetensors"
+    path = tmp_path / "sd.ckpt"
+    torch.save(TENSORS if request.param == "zip pickle" else {"state_dict": TENSORS, "global_step": 7}, path)
+    return path
+
+
+def test_prefix_gives_exactly_the_prefixed_tensors(sd_file):
+    part = weights.read_state_dict(sd_file, prefix="model.diffusion_model.")
+    assert set(part) == UNET  # names kept whole
+    assert all(torch.equal(part[k], TENSORS[k]) for k in part)
+    whole = weights.read_state_dict(sd_file)
+    assert set(whole) == set(TENSORS) and weights.read_state_dict(sd_file, prefix=None).keys() == whole.keys()
+    assert weights.read_state_dict(sd_file, prefix="no_such_network.") == {}
+
+
+def test_prefix_reads_no_other_tensor_of_a_safetensors_file(tmp_path, monkeypatch):
+    """The point of the prefix: loading the UNet of a 5 GB SD file must not load its VAE and text encoder."""
+    save_file(TENSORS, tmp_path / "sd.safetensors")
+    loaded, real_safe_open = [], weights.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.open = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):  # keys(), metadata(), ...: untouched
+            return getattr(self.open, name)
+
+        def get_tensor(self, name):
+            loaded.append(name)
+            return self.open.get_tensor(name)
+
+    monkeypatch.setattr(weights, "safe_open", Recording)
+    assert set(weights.read_state_dict(tmp_path / "sd.safetensors", prefix="model.diffusion_model.")) == UNET
+    assert sorted(loaded) == sorted(UNET)
+
+
+def assert_one_line_error(fn, path, words):
+    with pytest.raises(WeightsError) as info:
+        fn()
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("prefix", [None, "model.diffusion_model."])
+def test_unreadable_files_give_one_line_errors_naming_the_file(tmp_path, prefix):
+    save_file(TENSORS, tmp_path / "good.safetensors")
+    blob = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(blob[:len(blob) - 8])  # the header still parses
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save(TENSORS, tmp_path / "good.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:300])
+    torch.save({"learning_rate": 0.1, "weights": TENSORS}, tmp_path / "nested.pt")
+    (tmp_path / "model.onnx").write_bytes(blob)
+    cases = [("absent.safetensors", "no such file"), ("empty.safetensors", "empty file"),
+             ("truncated.safetensors", "not a readable safetensors file"),
+             ("random.safetensors", "not a readable safetensors file"),
+             ("truncated.ckpt", "not a readable weights-only torch file"),
+             ("random.pth", "not a readable weights-only torch file"),
+             ("nested.pt", "does not hold a flat dict of tensors"), ("model.onnx", "unknown weight file type")]
+    for name, words in cases:
+        path = tmp_path / name
+        if name.startswith("random"):
+            path.write_bytes(os.urandom(4096))
+        assert_one_line_error(lambda: weights.read_state_dict(path, prefix=prefix), path, words)
+
+
+def test_metadata_json_and_folder_errors_name_the_file(tmp_path):
+    save_file(TENSORS, tmp_path / "plain.safetensors", metadata={"flowsr": "1"})
+    assert weights.read_metadata(tmp_path / "plain.safetensors") == {"flowsr": "1"}
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    assert_one_line_error(lambda: weights.read_metadata(tmp_path / "random.safetensors"),
+                          tmp_path / "random.safetensors", "not a readable safetensors file")
+    assert_one_line_error(lambda: weights.read_metadata(tmp_path / "absent.safetensors"),
+                          tmp_path / "absent.safetensors", "no such file")
+    (tmp_path / "config.json").write_text('{"in_channels": 4,')
+    assert_one_line_error(lambda: weights.read_json(tmp_path / "config.json"), tmp_path / "config.json",
+                          "not a readable JSON file")
+    names = ("model.safetensors", "pytorch_model.bin")
+    assert_one_line_error(lambda: weights.find_weights_file(tmp_path, names), tmp_path,
+                          "no model.safetensors or pytorch_model.bin")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    assert weights.find_weights_file(tmp_path, names) == os.path.join(tmp_path, "pytorch_model.bin")
+
+
+def small_model():
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # keys 0.weight 0.bias 2.weight 2.bias
+
+
+def test_load_strict_lists_missing_unexpected_and_mismatched_keys():
+    good = small_model().state_dict()
+    bad = {k: v for k, v in good.items() if k != "0.bias"}
+    bad.update({"2.weight": torch.zeros(2, 5), "1.weight": torch.zeros(1), "head.weight": torch.zeros(1)})
+    with pytest.raises(WeightsError) as info:
+        weights.load_strict(small_model(), bad, "ckpt.safetensors")
+    message = str(info.value)
+    assert message.startswith("ckpt.safetensors: weights do not fit Sequential: ") and "\n" not in message
+    assert "1 missing: 0.bias" in message
+    assert "2 unexpected: 1.weight, head.weight" in message
+    assert "1 shape mismatch: 2.weight (2, 5) vs model (2, 4)" in message
+
+    many = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)])  # 8 tensors, none given
+    with pytest.raises(WeightsError, match=r"8 missing: 0\.weight, 0\.bias, 1\.weight, 1\.bias, 2\.weight \(\+3 more"):
+        weights.load_strict(many, {}, "empty.pt")
+
+
+def test_load_strict_assigns_onto_the_meta_device():
+    good = small_model().state_dict()
+    with torch.device("meta"):
+        model = small_model()
+    weights.load_strict(model, good, "good.safetensors")
+    assert not any(p.is_meta for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
