@@ -20,7 +20,7 @@ def flag(default, help, choices=None, positional=False, short=None):
 
 def build_parser(config_cls, description=None):
     parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -41,7 +41,7 @@ def build_parser(config_cls, description=None):
 
 def parse(config_cls, argv=None, description=None):
     """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
-    args = build_parser(config_cls, description).parse_args(argv)
+    args = build_parser(config_cls, description).parse_intermixed_args(argv)  # flags may follow inputs
     return config_cls(**vars(args))
 
 

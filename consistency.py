@@ -77,7 +77,7 @@ class ConsistencyFlowDistillation:
         """
         z_tn = interpolate(z_H, z_L, t_n)
         if self.perturb_std > 0:
-            noise = torch.randn(z_tn.shape, generator=generator, device=z_tn.device, dtype=z_tn.dtype)
+            noise = torch.randn(z_tn.shape, generator=generator).to(z_tn)  # drawn on the CPU: same noise on any device
             z_tn = z_tn + self.perturb_std * noise
         with torch.no_grad():
             z_hat = z_tn - expand_time(t_n - t_prev, z_tn) * teacher(z_tn, 1000 * t_n, context)

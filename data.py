@@ -11,7 +11,6 @@ generator seeded from (seed, i, e), so DataLoader workers and restarts see the s
 import contextlib
 import hashlib
 import os
-import tempfile
 import warnings
 
 import torch
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from degradations import degrade_bicubic, degrade_realesrgan
-from weights import fsync_and_rename
+from weights import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so this check is the one that speaks
@@ -112,17 +111,7 @@ def save_image(image, path, alpha=None):
     if not torch.isfinite(image).all():
         raise ValueError(f"{path}: image holds NaN or infinite values")
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=extension)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            to_pil_image(pixels).save(f, format=file_format, **options)
-        fsync_and_rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: to_pil_image(pixels).save(f, format=file_format, **options))
 
 
 def to_model(x01):

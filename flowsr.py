@@ -11,11 +11,13 @@ the fixed FlowSR prompt as context) and saved in one of two kinds of checkpoint:
 - full: every UNet weight plus the context, and the configs as JSON metadata (`flowsr_model`), so
   `FlowSR.load(path)` rebuilds the model from the file alone (used for the tiny preset);
 - LoRA: the layout of the published FlowSR checkpoint (SPEC 8, lora.py), loaded on top of an SD 2.1-base
-  given with `base=`; the LoRA is merged into the weights once, at load time.
+  given with `base=` (or the one recorded by the train.py run that wrote it); the LoRA is merged into the
+  weights once, at load time. An SD 1.x base is refused with a message saying so (`check_text_width`).
 """
 import hashlib
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -93,12 +95,12 @@ class FlowSR(nn.Module):
         return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample)
 
     @classmethod
-    def sd21(cls, base, prompt=FLOWSR_PROMPT, context=None, upsample="bicubic", dtype=torch.float32):
+    def sd21(cls, base, prompt=FLOWSR_PROMPT, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None):
         """SD 2.1-base from a diffusers folder or an original single file; `context` skips the text encoder."""
         unet = UNet.from_pretrained(base, dtype=dtype)
         ae = AutoencoderKL.from_pretrained(base, dtype=dtype)
         if context is None:
-            context = prompt_context(base, prompt)
+            context = prompt_context(base, prompt, cache_dir)
         if context.shape[-1] != unet.config.cross_attention_dim:
             raise WeightsError(f"{base}: text embedding width {context.shape[-1]} does not fit the UNet's "
                                f"cross-attention width {unet.config.cross_attention_dim}")
@@ -115,59 +117,104 @@ class FlowSR(nn.Module):
 
     def save_lora(self, path, unet_rank, vae_rank, extra=None):
         """A LoRA checkpoint in the published FlowSR layout (SPEC 8); needs the base model to load."""
+        # The format needs a positive VAE rank; without a VAE LoRA an empty target list makes it apply to nothing.
         fields = {"unet_rank": unet_rank, "unet_lora_target_modules": UNET_LORA_TARGETS,
-                  "vae_rank": vae_rank, "vae_lora_target_modules": vae_encoder_targets(self.ae),
-                  "lora_alpha": 8}
+                  "vae_rank": vae_rank or unet_rank,
+                  "vae_lora_target_modules": vae_encoder_targets(self.ae) if vae_rank else [], "lora_alpha": 8}
         lora.write_flowsr_checkpoint(path, fields, lora.lora_state_dict(self.unet),
                                      lora.lora_state_dict(self.ae) if vae_rank else {},
                                      extra_metadata={METADATA_KEY: json.dumps({"upsample": self.upsample,
                                                                                **(extra or {})})})
 
     @classmethod
-    def load(cls, path, base=None, prompt=FLOWSR_PROMPT, context=None, dtype=torch.float32):
-        """Rebuild a model from a checkpoint of either kind (a LoRA checkpoint needs `base`)."""
+    def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None):
+        """Rebuild a model from a checkpoint of either kind.
+
+        A LoRA checkpoint needs an SD 2.1-base: `base`, or the one its train.py run recorded. `prompt` (default:
+        the run's, or the FlowSR prompt) only applies to it; `cache_dir` caches the prompt's text embedding.
+        """
         meta = read_metadata(path)
+        own = _json_object(meta.get(METADATA_KEY, "{}"), path)
+        run = own.get("train_config") or {}  # what train.py recorded: its --base and --prompt
+        if not isinstance(run, dict):
+            raise WeightsError(f"{path}: 'train_config' in the metadata is not a JSON object")
+        upsample = own.get("upsample", "bilinear" if lora.METADATA_KEY in meta else "bicubic")
+        if upsample not in ("bilinear", "bicubic"):
+            raise WeightsError(f"{path}: unknown upsample mode {upsample!r} in metadata")
         if lora.METADATA_KEY in meta:
-            if base is None:
+            base = base or run.get("base")
+            if not base:
                 raise WeightsError(f"{path}: a LoRA checkpoint on SD 2.1-base: give the base model (--base)")
-            own = json.loads(meta.get(METADATA_KEY, "{}"))
-            model = cls.sd21(base, prompt, context, own.get("upsample", "bilinear"), dtype)
-            check_sd2_base(model.unet, path, base)
+            if not isinstance(base, str) or not os.path.exists(base):
+                raise WeightsError(f"{path}: its base model {base} is not there: give it with --base")
+            prompt = prompt or run.get("prompt") or FLOWSR_PROMPT
+            model = cls.sd21(base, prompt, context, upsample, dtype, cache_dir)
+            check_text_width(path, model.unet, base)
             lora.apply_flowsr_checkpoint(path, model.unet, model.ae, merge=True)
             return model
         if METADATA_KEY not in meta:
             raise WeightsError(f"{path}: not a FlowSR checkpoint (no '{METADATA_KEY}' or "
                                f"'{lora.METADATA_KEY}' metadata)")
-        if base is not None:
+        if base:
             raise WeightsError(f"{path}: a full FlowSR checkpoint; it needs no --base")
+        if prompt:
+            raise ValueError(f"{path}: this model has a fixed context; a prompt does not apply to it")
         try:
-            config = json.loads(meta[METADATA_KEY])
-            unet_config = UNetConfig.from_dict(config["unet"])
-            ae = vae_from_config(config["autoencoder"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise WeightsError(f"{path}: bad model config in metadata ({e})") from None
-        if not isinstance(ae, PixelAutoencoder):
-            raise WeightsError(f"{path}: full checkpoints with a learned VAE are not supported")
+            unet_config = UNetConfig.from_dict(own["unet"])
+            ae = vae_from_config(own["autoencoder"])
+            with torch.device("meta"):
+                unet = UNet(unet_config)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise WeightsError(f"{path}: bad model config in metadata ({type(e).__name__}: {e})") from None
+        if not (isinstance(ae, PixelAutoencoder) and ae.channels == 3 and type(ae.factor) is int and ae.factor > 0):
+            raise WeightsError(f"{path}: a full checkpoint needs a pixel autoencoder on RGB (factor >= 1)")
+        if not ae.latent_channels == unet_config.in_channels == unet_config.out_channels:
+            raise WeightsError(f"{path}: autoencoder latents ({ae.latent_channels} channels) do not fit the UNet")
         state = read_state_dict(path)
-        if "context" not in state:
-            raise WeightsError(f"{path}: no 'context' tensor")
-        with torch.device("meta"):
-            unet = UNet(unet_config)
-        load_strict(unet, {k[5:]: v for k, v in state.items() if k.startswith("unet.")}, path)
-        return cls(unet.to(dtype), ae, state["context"].to(dtype), config.get("upsample", "bicubic"))
+        not_float = [k for k, v in state.items() if not v.is_floating_point()]
+        if not_float:
+            raise WeightsError(f"{path}: tensors that are not floating point: {', '.join(not_float[:5])}")
+        context = state.pop("context", None)
+        if context is None or context.dim() != 3 or context.shape[0] != 1 or \
+                context.shape[-1] != unet_config.cross_attention_dim:
+            raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
+        load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
+        return cls(unet.to(dtype), ae, context.to(dtype), upsample)
+
+
+def _json_object(text, path):
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise WeightsError(f"{path}: '{METADATA_KEY}' metadata is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
+    return value
 
 
 def vae_encoder_targets(ae):
-    """Full dotted names of every Linear / Conv2d in the VAE encoder (LoRA there leaves the decoder alone)."""
-    return [name for name, m in ae.named_modules()
-            if name.startswith(("encoder.", "quant_conv")) and isinstance(m, (nn.Linear, nn.Conv2d))
-            and not isinstance(m, lora.LoRALayer) and ".lora_" not in name and ".base_layer" not in name]
+    """Dotted names of every Linear / Conv2d of the VAE encoder (LoRA there leaves the decoder alone).
+
+    An already wrapped layer counts under its own name, not its base_layer / lora_A / lora_B parts."""
+    layers = (nn.Linear, nn.Conv2d, lora.LoRALayer)
+    inside_lora = re.compile(r"\.(base_layer|lora_A|lora_B)(\.|$)")
+    return [name for name, m in ae.named_modules() if name.startswith(("encoder.", "quant_conv"))
+            and isinstance(m, layers) and not inside_lora.search(name)]
 
 
-def check_sd2_base(unet, path, base):
-    if unet.config.cross_attention_dim != 1024:
-        raise WeightsError(f"{path}: FlowSR checkpoints are for SD 2.x, but {base} is an SD 1.x-style UNet "
-                           f"(cross-attention width {unet.config.cross_attention_dim}, expected 1024)")
+def check_text_width(path, unet, base):
+    """Refuse an SD 1.x base for an SD 2.x checkpoint, with a message that says so.
+
+    The LoRA of a cross-attention key / value projection (attn2.to_k, attn2.to_v) takes the text embedding
+    as input, so its lora_A shows the width the checkpoint was trained with (SD 2.x: 1024, SD 1.x: 768).
+    """
+    _, unet_sd, _ = lora.read_flowsr_checkpoint(path)
+    widths = {v.shape[1] for k, v in unet_sd.items() if re.search(r"\.attn2\.to_[kv]\.lora_A\.[^.]+\.weight$", k)}
+    expected = unet.config.cross_attention_dim
+    if widths and widths != {expected}:
+        raise WeightsError(f"{path}: made for text embeddings {max(widths)} wide (SD 2.x: 1024), but the UNet of "
+                           f"{base} takes {expected} (SD 1.x: 768): an SD 1.x base for an SD 2.x checkpoint? "
+                           f"Use SD 2.1-base")
 
 
 def prompt_ids(base, prompt):
@@ -196,16 +243,21 @@ def prompt_context(base, prompt=FLOWSR_PROMPT, cache_dir=None):
     context = text_model(prompt_ids(base, prompt)).float()
     del text_model
     if cache:
-        save_atomic({"context": context}, cache)
+        try:
+            save_atomic({"context": context}, cache)
+        except OSError:
+            pass  # an unwritable cache only costs the next run the text encoder
     return context
 
 
 def context_cache_key(base, prompt):
-    """Changes when the prompt or the base's files change (path, size and modification time)."""
-    stats = []
-    for root, _, files in os.walk(base) if os.path.isdir(base) else [("", [], [base])]:
-        for name in sorted(files):
-            st = os.stat(os.path.join(root, name))
-            stats.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    text = json.dumps([os.path.abspath(base), prompt, stats])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Changes when the prompt or the text encoder's files change (path, size and modification time)."""
+    if os.path.isdir(base):
+        folders = [os.path.join(base, d) for d in ("text_encoder", "tokenizer")]
+        folders = [d for d in folders if os.path.isdir(d)] or [base]
+        files = [os.path.join(root, name) for d in folders for root, _, names in sorted(os.walk(d))
+                 for name in sorted(names)]
+    else:
+        files = [base]
+    stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps([prompt, stats]).encode()).hexdigest()[:16]

@@ -3,12 +3,19 @@
     python sample.py photo.png                      # -> photo_x4.png, with the bundled tiny model
     python sample.py shots/ -o out/ --compare       # a folder; also writes side-by-side comparisons
     python sample.py in.png --base SD21_DIR --checkpoint flowsr.safetensors   # the published weights
+    python sample.py in.png --checkpoint runs/x/final.safetensors            # any train.py model
 
 The pipeline follows the published FlowSR inference code (SPEC 7): x = up(x_LR) in [-1, 1],
 reflect-padded to what the networks divide by; z_L = s * E(x) (posterior mean by default);
 z_H_hat = z_L - v(z_L, 1000, c) (or N Euler steps on the shifted grid); x_SR = clamp(D(z_H_hat / s));
 crop; wavelet colour correction against up(x_LR). Latents larger than one tile are processed in
 tiles blended with Gaussian weights, and the VAE runs tiled, so memory stays bounded.
+
+Files: any image Pillow reads (EXIF orientation applied; 16-bit, grayscale, palette and CMYK become
+8-bit RGB). Transparency is not super-resolved: the alpha channel is upscaled on its own (bicubic) and
+written back (dropped for a JPEG output). A bad input gives one error line and the others go on; the
+exit code is 1 if any failed. Outputs are written atomically, never over an input, and over an
+existing file only with --overwrite. Folders skip earlier results (NAME_x4*.png).
 """
 import glob
 import math
@@ -21,40 +28,47 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configs import describe, flag, parse
-from data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, save_image
-from flowsr import FLOWSR_PROMPT, FlowSR, prompt_context
+from data import IMAGE_EXTENSIONS, SAVE_FORMATS, ImageError, list_images, load_image, save_image
+from flowsr import FlowSR
 from schedulers import flow_match_sigmas
 from weights import WeightsError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "models", "flowsr-tiny.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUFFIX = "_x4"
 
 
 @dataclass
 class SampleConfig:
     """Super-resolve images x4 with FlowSR."""
     inputs: list = flag([], "input images, folders or glob patterns", positional=True)
-    output: str = flag("", "output file (one input) or folder (default: beside each input, NAME_x4.png)", short="-o")
+    output: str = flag("", "output file (one input; .png/.jpg/.webp) or folder (default: NAME_x4.png beside "
+                       "each input)", short="-o")
     checkpoint: str = flag(BUNDLED_MODEL, "a train.py checkpoint, or a FlowSR LoRA checkpoint (with --base)")
-    base: str = flag("", "SD 2.1-base diffusers folder or single file, for LoRA checkpoints")
+    base: str = flag("", "SD 2.1-base diffusers folder or single file, for LoRA checkpoints "
+                     "(default: the one a train.py run recorded)")
     steps: int = flag(1, "Euler steps (1: one-step SR; more use the shifted flow-matching grid)")
     shift: float = flag(3.0, "time shift of the multi-step grid")
-    prompt: str = flag(FLOWSR_PROMPT, "prompt whose CLIP embedding conditions an SD-based model")
-    cache_dir: str = flag(os.path.join(os.path.expanduser("~"), ".cache", "flowsr"), "where prompt embeddings are cached")
-    color_fix: str = flag("wavelet", "colour correction against the upsampled input", choices=("wavelet", "adain", "none"))
+    prompt: str = flag("", "prompt whose CLIP embedding conditions an SD-based model "
+                       "(default: its training prompt, or the FlowSR prompt)")
+    cache_dir: str = flag(os.path.join(os.path.expanduser("~"), ".cache", "flowsr"),
+                          "where prompt embeddings are cached")
+    color_fix: str = flag("wavelet", "colour correction against the upsampled input",
+                          choices=("wavelet", "adain", "none"))
     upsample: str = flag("model", "up(x_LR) mode (model: the one it was trained with; published weights: bilinear)",
                          choices=("model", "bilinear", "bicubic"))
-    tile_size: int = flag(96, "latent tile size of the velocity network")
+    tile_size: int = flag(96, "latent tile size of the velocity network (0: no tiles)")
     tile_overlap: int = flag(32, "latent tile overlap")
-    vae_tile_size: int = flag(512, "pixel tile size of the VAE encoder (decoder: this / 8 latent pixels)")
-    posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does", choices=("mean", "sample"))
-    seed: int = flag(0, "seed for --posterior sample")
-    device: str = flag("auto", "auto, cpu, cuda or mps")
+    vae_tile_size: int = flag(512, "pixel tile size of the VAE encoder (decoder: this / 8 latent pixels; 0: no tiles)")
+    posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does",
+                          choices=("mean", "sample"))
+    seed: int = flag(0, "seed of --posterior sample (each image starts from it)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = flag("fp32", "compute precision", choices=tuple(DTYPES))
     max_pixels: int = flag(1024 * 1024, "refuse inputs with more pixels than this (keeps a 24 GB machine safe)")
     compare: bool = flag(False, "also write NAME_x4_compare.png: upsampled input | result")
-    overwrite: bool = flag(False, "replace existing output files")
+    overwrite: bool = flag(False, "replace existing output files (never an input)")
     quiet: bool = flag(False, "no config print-out or progress bars", short="-q")
 
 
@@ -97,27 +111,30 @@ def tile_starts(length, tile, overlap):
     return [min(i * stride, length - tile) for i in range(count)]
 
 
-def gaussian_weights(height, width, device, dtype):
-    """Tile blending weights: a Gaussian of variance 0.01 in units of the tile size (published code)."""
+def gaussian_weights(height, width, device):
+    """Tile blending weights: a Gaussian of variance 0.01 in units of the tile size (published code).
+
+    float32 always: the corner weights (~1e-11) would underflow to 0 in fp16 and leave 0 / 0 there."""
     def profile(n):
         x = torch.arange(n, dtype=torch.float64)
         return torch.exp(-((x - (n - 1) / 2) / n) ** 2 / (2 * 0.01))
-    return torch.outer(profile(height), profile(width)).to(device, dtype)  # (h, w)
+    return torch.outer(profile(height), profile(width)).to(device, torch.float32)  # (h, w)
 
 
 def tiled_velocity(model, z, timesteps, tile, overlap, progress=False):
-    """v(z, t) for a latent of any size: overlapping tiles, blended with Gaussian weights."""
+    """v(z, t) for a latent of any size: overlapping tiles, blended with Gaussian weights (tile 0: no tiles)."""
     _, _, h, w = z.shape
-    if h <= tile and w <= tile:
+    if not tile or (h <= tile and w <= tile):
         return model(z, timesteps)
     th, tw = min(tile, h), min(tile, w)
-    weights = gaussian_weights(th, tw, z.device, z.dtype)
-    out, total = torch.zeros_like(z), torch.zeros(h, w, device=z.device, dtype=z.dtype)
+    weights = gaussian_weights(th, tw, z.device)
+    out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
+    total = torch.zeros(h, w, device=z.device, dtype=torch.float32)
     tiles = [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
     for y, x in tqdm(tiles, desc="tiles", leave=False, disable=not progress):
-        out[:, :, y:y + th, x:x + tw] += model(z[:, :, y:y + th, x:x + tw], timesteps) * weights
+        out[:, :, y:y + th, x:x + tw] += model(z[:, :, y:y + th, x:x + tw], timesteps).float() * weights
         total[y:y + th, x:x + tw] += weights
-    return out / total
+    return (out / total).to(z.dtype)
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------------
@@ -131,9 +148,9 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
     H, W = up.shape[-2:]
     m = model.pad_multiple
     pad_h, pad_w = -H % m, -W % m
-    mode = "reflect" if pad_h < H and pad_w < W else "replicate"
+    mode = "reflect" if pad_h < H and pad_w < W else "replicate"  # reflect cannot pad more than the size
     x = F.pad(up, (0, pad_w, 0, pad_h), mode=mode).to(device, dtype)
-    ae_tile = cfg.vae_tile_size
+    ae_tile = cfg.vae_tile_size or None
     if cfg.posterior == "sample" and hasattr(model.ae, "posterior"):
         mean, logvar = model.ae.posterior(x, tile_size=ae_tile)
         z = model.scale * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(mean))
@@ -150,12 +167,18 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
 
 # ---- files -----------------------------------------------------------------------------------------------
 
+def is_result(path):
+    """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem.endswith((SUFFIX, SUFFIX + "_compare"))
+
+
 def expand_inputs(patterns):
-    """(paths, errors): files as given, folders listed, globs expanded; what matches nothing is an error."""
+    """(paths, errors): [(path, path relative to the folder it came from)]; what matches nothing is an error."""
     paths, errors = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = list_images(pattern)
+            found = [p for p in list_images(pattern) if not is_result(p)]
             paths += [(p, os.path.relpath(p, pattern)) for p in found]
             if not found:
                 errors.append(f"{pattern}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -168,40 +191,93 @@ def expand_inputs(patterns):
     return paths, errors
 
 
-def output_path(path, relative, cfg, n_inputs):
-    stem = os.path.splitext(relative)[0] + "_x4.png"
-    if not cfg.output:
-        return os.path.join(os.path.dirname(path), os.path.basename(stem))
-    as_file = n_inputs == 1 and os.path.splitext(cfg.output)[1].lower() in IMAGE_EXTENSIONS
-    return cfg.output if as_file else os.path.join(cfg.output, stem)
+def plan_outputs(paths, cfg):
+    """([(input, output)], errors): one output per input, none of them an input or another input's output."""
+    to_file = os.path.splitext(cfg.output)[1].lower() in IMAGE_EXTENSIONS
+    inputs = {os.path.realpath(p) for p, _ in paths}
+    jobs, errors, taken = [], [], {}
+    for path, relative in paths:
+        name = os.path.splitext(relative)[0] + SUFFIX + ".png"
+        if not cfg.output:
+            out = os.path.join(os.path.dirname(path), os.path.basename(name))
+        else:
+            out = cfg.output if to_file else os.path.join(cfg.output, name)
+        real = os.path.realpath(out)
+        if real in inputs:
+            errors.append(f"{path}: its output {out} is an input; it is never overwritten")
+        elif real in taken:
+            errors.append(f"{path}: its output {out} is also the output of {taken[real]}")
+        else:
+            taken[real] = path
+            jobs.append((path, out))
+    return jobs, errors
 
 
-def process(model, path, out, cfg, generator, progress):
-    if os.path.exists(out) and os.path.samefile(path, out):
-        raise ImageError(f"{path}: the output would overwrite the input")
+def process(model, path, out, cfg, progress):
     compare_out = os.path.splitext(out)[0] + "_compare.png"
     for target in [out] + ([compare_out] if cfg.compare else []):
         if os.path.exists(target) and not cfg.overwrite:
-            raise ImageError(f"{target}: exists (use --overwrite to replace it)")
-    lr, alpha = load_image(path, max_pixels=cfg.max_pixels)  # (3, h, w) in [0, 1]
-    sr = super_resolve(model, lr[None], cfg, generator, progress)[0]  # (3, 4h, 4w)
-    if alpha is not None:  # the alpha channel is upscaled on its own, bicubic
-        alpha = F.interpolate(alpha[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)
-        if os.path.splitext(out)[1].lower() in (".jpg", ".jpeg"):
-            alpha = None
+            raise ImageError(f"{path}: {target} exists (use --overwrite to replace it)")
+    lr, alpha = load_image(path, max_pixels=cfg.max_pixels)  # (3, h, w) in [0, 1], alpha (1, h, w) or None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sr = super_resolve(model, lr[None], cfg, generator, progress)[0].cpu()  # (3, 4h, 4w)
+    if alpha is not None and os.path.splitext(out)[1].lower() not in (".jpg", ".jpeg"):
+        alpha = F.interpolate(alpha[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)  # (1, 4h, 4w)
+    else:
+        alpha = None
     save_image(sr, out, alpha)
     if cfg.compare:
         up = F.interpolate(lr[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)
-        save_image(torch.cat([up, sr.cpu()], dim=2), compare_out)
+        save_image(torch.cat([up, sr], dim=2), compare_out)
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+def check_flags(cfg, n_inputs):
+    """The first problem with the flags that needs no model, or None."""
+    extension = os.path.splitext(cfg.output)[1].lower()
+    if cfg.steps < 1:
+        return "--steps must be at least 1"
+    if cfg.tile_size < 0 or cfg.vae_tile_size < 0 or cfg.tile_size and not 0 <= cfg.tile_overlap < cfg.tile_size:
+        return "tile sizes must be >= 0 and --tile-overlap in [0, --tile-size)"
+    if cfg.max_pixels < 1:
+        return "--max-pixels must be positive"
+    if extension in IMAGE_EXTENSIONS and extension not in SAVE_FORMATS:
+        return f"-o {cfg.output}: cannot write {extension} (use one of {', '.join(SAVE_FORMATS)})"
+    if extension in IMAGE_EXTENSIONS and n_inputs > 1:
+        return f"-o {cfg.output} names one file, but there are {n_inputs} inputs: give a folder"
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            return f"--device {cfg.device}: not a device (auto, cpu, cuda, cuda:N or mps)"
+        if device.type == "cuda" and not torch.cuda.is_available() or \
+                device.type == "mps" and not torch.backends.mps.is_available():
+            return f"--device {cfg.device}: not available on this machine"
+    return None
+
+
+def check_tiles(cfg, model):
+    """Tiles go through the networks whole, so they must divide by what the networks down-sample by."""
+    unet_factor = model.pad_multiple // model.ae.downscale
+    if cfg.tile_size % unet_factor:
+        return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
+    if cfg.vae_tile_size % model.ae.downscale:
+        return f"--vae-tile-size {cfg.vae_tile_size} must be a multiple of {model.ae.downscale} for this model"
+    return None
 
 
 def load_model(cfg, device):
-    dtype = DTYPES[cfg.dtype]
-    context = None
-    if cfg.base:
-        context = prompt_context(cfg.base, cfg.prompt, cfg.cache_dir)
-    model = FlowSR.load(cfg.checkpoint, base=cfg.base or None, prompt=cfg.prompt, context=context, dtype=dtype)
+    if cfg.checkpoint == BUNDLED_MODEL and not os.path.isfile(BUNDLED_MODEL):
+        raise WeightsError(f"{BUNDLED_MODEL}: the bundled model is missing; give a model with --checkpoint")
+    model = FlowSR.load(cfg.checkpoint, base=cfg.base or None, prompt=cfg.prompt or None,
+                        dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
     return model.to(device).eval()
+
+
+def one_line(error, path):
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if path in text else f"{path}: {text}"
 
 
 def main(argv=None):
@@ -209,35 +285,40 @@ def main(argv=None):
     if not cfg.inputs:
         print("error: no input images (usage: python sample.py IMAGE [IMAGE ...] [-h])", file=sys.stderr)
         return 2
-    if cfg.steps < 1:
-        print("error: --steps must be at least 1", file=sys.stderr)
+    paths, errors = expand_inputs(cfg.inputs)
+    problem = check_flags(cfg, len(paths))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if not cfg.quiet:
         print("config:\n" + describe(cfg))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device if cfg.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         model = load_model(cfg, torch.device(device))
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (WeightsError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: e.g. no such GPU (cuda:7)
+        print(f"error: {one_line(e, cfg.checkpoint)}", file=sys.stderr)
         return 1
-    paths, errors = expand_inputs(cfg.inputs)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    problem = check_tiles(cfg, model)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    jobs, more_errors = plan_outputs(paths, cfg)
+    errors += more_errors
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    for path, relative in tqdm(paths, desc="images", disable=cfg.quiet or len(paths) < 2):
-        out = output_path(path, relative, cfg, len(paths))
+    for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2):
         try:
-            process(model, path, out, cfg, generator, progress=not cfg.quiet)
-        except (ImageError, ValueError, OSError) as e:
-            errors.append(str(e))
-            print(f"error: {e}", file=sys.stderr)
-            continue
+            process(model, path, out, cfg, progress=not cfg.quiet)
         except torch.OutOfMemoryError:
             errors.append(path)
-            print(f"error: {path}: out of memory (try a smaller --tile-size / --vae-tile-size)", file=sys.stderr)
-            continue
-        if not cfg.quiet:
-            tqdm.write(f"wrote {out}")
+            tqdm.write(f"error: {path}: out of memory (try a smaller --tile-size / --vae-tile-size)", file=sys.stderr)
+        except (ValueError, OSError, RuntimeError) as e:  # ImageError is a ValueError
+            errors.append(path)
+            tqdm.write(f"error: {one_line(e, path)}", file=sys.stderr)
+        else:
+            if not cfg.quiet:
+                tqdm.write(f"wrote {out}")
     return 1 if errors else 0
 
 

@@ -7,18 +7,26 @@ distillation with HR regularization and fast-slow timestep pairs, plus GAN and C
 
 Files in --out-dir: stage1.safetensors (the stage-1 model, stage 2's teacher), stage2.safetensors (the
 one-step model), stage{1,2}_state.pt (everything --resume needs), val/ (validation grids), log.jsonl.
+
+Reliability: step n's data and time draws are a pure function of (seed, stage, n, rank) and the state file
+holds the rest, so a resumed run repeats the uninterrupted one bit for bit (same device, same threads). Files
+are written atomically, the state file last (it commits a checkpoint): a run killed at any moment resumes
+from its last checkpoint. SIGINT / SIGTERM save and exit; a non-finite loss skips its step. Under torchrun
+only rank 0 writes files, into an --out-dir that every rank sees.
 """
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import io
 import json
 import os
-import random
 import signal
 import sys
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -30,15 +38,15 @@ import lora
 import losses
 from configs import describe, flag, parse
 from consistency import ConsistencyFlowDistillation, update_ema
-from data import HRFolderDataset, from_model, list_images, load_image, save_image, to_model
+from data import HRFolderDataset, ImageError, from_model, list_images, load_image, save_image, to_model
 from degradations import degrade_realesrgan
 from flow import RectifiedSRFlow, sample
 from flowsr import FLOWSR_PROMPT, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from schedulers import sample_adjacent_pairs, sample_times
-from weights import fsync_and_rename
+from weights import WeightsError, write_atomic
 
 PRESETS = {  # what a 0 / "" in the config means for each preset
-    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage1_steps=1500, stage2_steps=1500, grad_checkpointing=False),
+    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage1_steps=2000, stage2_steps=500, grad_checkpointing=False),
     "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage1_steps=20000, stage2_steps=20000, grad_checkpointing=True),
 }
 
@@ -127,16 +135,31 @@ def steps_for(cfg, stage):
     return cfg.max_steps or PRESETS[cfg.preset][f"stage{stage}_steps"]
 
 
+def open_dataset(cfg, stages, world, say):
+    """The training photos, checked once at start: unreadable files are skipped with one warning each."""
+    length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * world
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=length)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        finally:
+            for warning in caught:
+                say(f"warning: {warning.message}")
+
+
 def build_model(cfg, stage, device):
     """Stage 1: the preset's model (LoRA-injected for sd21). Stage 2: the stage-1 model, still trainable."""
     init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
+    if stage == 2 and not os.path.isfile(init):
+        sys.exit(f"error: {init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
+    torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        torch.manual_seed(cfg.seed)
         model = FlowSR.tiny(cfg.upsample) if stage == 1 else FlowSR.load(init)
         model.upsample = cfg.upsample
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
-        torch.manual_seed(cfg.seed)
         lora.inject_lora(model.unet, UNET_LORA_TARGETS, cfg.lora_rank)
         if cfg.vae_lora_rank:
             lora.inject_lora(model.ae, vae_encoder_targets(model.ae), cfg.vae_lora_rank)
@@ -149,6 +172,33 @@ def build_model(cfg, stage, device):
     return model.to(device)
 
 
+def build_stage(cfg, stage, device, say):
+    """The model, its optimizer and loss, and in stage 2 the teacher, EMA target, discriminator and IQA."""
+    s = SimpleNamespace(model=build_model(cfg, stage, device), teacher=None, target=None, discriminator=None,
+                        d_params=[], d_optimizer=None, iqa=None)
+    if cfg.crop_size % s.model.pad_multiple:
+        sys.exit(f"error: --crop-size {cfg.crop_size} must be a multiple of {s.model.pad_multiple} for this model")
+    s.params = [p for p in s.model.parameters() if p.requires_grad]
+    s.optimizer = torch.optim.AdamW(s.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lpips = losses.try_load_lpips(cfg.lpips_vgg or None, cfg.lpips_heads or None, log=say)
+    lpips = lpips.to(device) if lpips is not None else None
+    if stage == 1:
+        s.method = RectifiedSRFlow(s.model.ae, lpips, cfg.lpips_weight, cfg.latent_weight)
+        return s
+    s.method = ConsistencyFlowDistillation(s.model.ae, lpips, cfg.hr_reg_weight, cfg.lpips_weight, cfg.distance,
+                                           cfg.huber_c, cfg.gt_at_zero, cfg.perturb_std)
+    s.teacher = lora.merge_lora(copy.deepcopy(s.model)).requires_grad_(False).eval()
+    s.target = copy.deepcopy(s.model).requires_grad_(False)
+    s.discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
+    if cfg.gan_weight > 0:
+        s.d_params = list(s.discriminator.parameters())
+        s.d_optimizer = torch.optim.AdamW(s.d_params, lr=cfg.d_lr, betas=(0.5, 0.999))
+    if cfg.iqa_weight > 0:
+        s.iqa = losses.try_load_clip_iqa(cfg.clip or None, log=say)
+        s.iqa = s.iqa.to(device) if s.iqa is not None else None
+    return s
+
+
 def export(cfg, model, path, stage, step):
     extra = {"stage": stage, "step": step, "train_config": dataclasses.asdict(cfg)}
     if cfg.preset == "tiny":
@@ -157,64 +207,110 @@ def export(cfg, model, path, stage, step):
         model.save_lora(path, cfg.lora_rank, cfg.vae_lora_rank, extra)
 
 
+def flat(value, prefix):
+    """{"unet": {"in_channels": 4}} -> {"PREFIX.unet.in_channels": 4}, so that differences can be named."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+
+
 def model_signature(cfg, model):
-    """What must agree between a checkpoint and the run resuming it."""
-    return {"preset": cfg.preset, "base": cfg.base, "lora_rank": cfg.lora_rank, "vae_lora_rank": cfg.vae_lora_rank,
-            **{f"model.{k}": v for k, v in model.config_dict().items()}}
+    """What must agree between a checkpoint and the run resuming it, as a flat {name: value}."""
+    signature = {"preset": cfg.preset, **flat(model.config_dict(), "model")}
+    if cfg.preset == "sd21":
+        signature.update(lora_rank=cfg.lora_rank, vae_lora_rank=cfg.vae_lora_rank)
+    return json.loads(json.dumps(signature))  # tuples become lists, as they come back from the file
 
 
-# ---- training state: one file, written atomically ------------------------------------------------------
+# ---- training state: written atomically, the state file last ------------------------------------------
 
 def save_state(path, state):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # to memory first: a full disk then fails in write() with a plain OSError
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_state(path):
     try:
-        torch.save(state, tmp)
-        fsync_and_rename(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        json.loads(state["signature"])
+        return state
+    except Exception as e:  # torch.load raises many types on a damaged file
+        sys.exit(f"error: {path}: not a readable training state ({str(e).strip().splitlines()[0][:200]}); "
+                 "move it away to start this stage over")
 
 
 def check_resumable(path, saved, current):
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    """Refuse a checkpoint of another model, naming the differences."""
+    saved = {k: v for key, item in saved.items() for k, v in flat(item, key).items()}  # older files nest them
+    diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if diffs:
-        sys.exit(f"error: {path} does not fit this run: " + "; ".join(diffs[:3]))
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        sys.exit(f"error: {path} does not fit this run: " + "; ".join(diffs[:3]) + more)
+
+
+def trim_log(path, stage, step):
+    """Keep the log lines up to (stage, step): the steps after it are about to be (re)done."""
+    def keep(line):
+        try:
+            record = json.loads(line)
+            return (record["stage"], record["step"]) <= (stage, step)
+        except (ValueError, KeyError, TypeError):
+            return False  # a line torn by a kill
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = "".join(filter(keep, f)).encode()
+        write_atomic(path, lambda out: out.write(kept))
 
 
 # ---- data ---------------------------------------------------------------------------------------------
 
-def batches(cfg, start_step, total_steps, rank, world):
-    """Item n of the run is fully determined by (seed, n): resuming at any step gives the same batches."""
-    n_items = total_steps * cfg.batch_size * world
-    dataset = HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=n_items)
+def ignore_signals(worker_id):
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def batches(cfg, dataset, start_step, total_steps, rank, world):
+    """Item n of the dataset is fully determined by (seed, n), and step s of rank r takes the items
+    s * B * world + r * B + [0, B): resuming at any step gives the same batches."""
     order = [step * cfg.batch_size * world + rank * cfg.batch_size + j
              for step in range(start_step, total_steps) for j in range(cfg.batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order,
-                                       num_workers=cfg.num_workers, drop_last=True)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
+                                       num_workers=cfg.num_workers, worker_init_fn=ignore_signals)
 
 
-def validation_batch(cfg, n=4):
+def step_generator(cfg, stage, step, rank):
+    """The generator of a step's time draws (and perturbation): a pure function of (seed, stage, step, rank)."""
+    key = hashlib.blake2b(f"{cfg.seed}/{stage}/{step}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def validation_batch(cfg, say, n=4):
     """Fixed center crops of held-out photos, degraded with fixed seeds: the same every time."""
     paths = list_images(cfg.val_data)[:n] if os.path.isdir(cfg.val_data) else []
     hrs, lrs = [], []
     for i, path in enumerate(paths):
-        image = load_image(path)[0]  # (3, H, W) in [0, 1]
+        try:
+            image = load_image(path)[0]  # (3, H, W) in [0, 1]
+        except ImageError as e:
+            say(f"warning: skipping {e}")
+            continue
         size = min(cfg.crop_size, *image.shape[1:]) // 16 * 16
         top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
         hr = image[:, top:top + size, left:left + size]
         hr = F.interpolate(hr[None], size=cfg.crop_size, mode="bicubic", antialias=True)[0].clamp(0, 1)
         hrs.append(to_model(hr))
         lrs.append(to_model(degrade_realesrgan(hr, 4, torch.Generator().manual_seed(1000 + i))))
+    if not hrs:
+        say(f"no validation grids: no readable photos in {cfg.val_data}")
     return (torch.stack(hrs), torch.stack(lrs)) if hrs else None
 
 
 @torch.no_grad()
-def save_validation_grid(model, val, path, device):
+def save_validation_grid(model, val, path):
     """Rows of up(LR) | one-step output | HR."""
-    hr, lr = (x.to(device) for x in val)
+    hr, lr = (x.to(model.context.device) for x in val)
     up = model.upsample_lr(lr)
     sr = model.decode(sample(model, model.encode(up), None, torch.tensor([1.0, 0.0]))).clamp(-1, 1)
     rows = torch.stack([up, sr, hr], dim=1).flatten(0, 1)  # (3B, 3, H, W)
@@ -224,14 +320,21 @@ def save_validation_grid(model, val, path, device):
 # ---- one stage ----------------------------------------------------------------------------------------
 
 class Interrupted:
-    """SIGINT / SIGTERM ask the loop to save and stop at the end of the current step."""
+    """While active, SIGINT / SIGTERM ask the loop to save and stop after the current step (a second SIGINT
+    stops at once); on exit the previous handlers come back."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.request)
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
 
@@ -239,10 +342,10 @@ def average_gradients(params, world):
     """Data parallelism: each rank has gradients of its own batch; one all_reduce averages them."""
     grads = [p.grad for p in params if p.grad is not None]
     if world > 1 and grads:
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        buffer = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(buffer)
+        buffer /= world
+        for g, chunk in zip(grads, buffer.split([g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
 
 
@@ -254,173 +357,207 @@ def any_rank(flag, world, device):
     return value.item() > 0
 
 
-def train_stage(cfg, stage, rank, world, device, interrupted):
+def stage_loss(cfg, stage, s, hr, lr, generator):
+    """One micro-batch: (loss, per-example loss (b,), stats, t (b,), decoded prediction or None)."""
+    model, device = s.model, hr.device
+    z_L = model.encode(model.upsample_lr(lr))  # (b, C, h, w), through the LoRA-tuned encoder
+    with torch.no_grad(), lora.lora_disabled(model.ae):
+        z_H = model.encode(hr)  # the frozen encoder defines the HR target
+    if stage == 1:
+        t = sample_times(len(hr), cfg.slow_steps, generator).to(device)
+        return (*s.method.loss(model, hr, z_H, z_L, t, None), t, None)
+    t, t_prev, _ = sample_adjacent_pairs(len(hr), cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
+    t, t_prev = t.to(device), t_prev.to(device)
+    loss, per_sample, stats, x_pred = s.method.loss(model, s.teacher, s.target, hr, z_H, z_L, t, t_prev, None,
+                                                    generator)
+    if s.d_optimizer:
+        gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
+        loss, stats["gan_g"] = loss + cfg.gan_weight * gan, gan.item()
+    if s.iqa is not None:
+        iqa = s.iqa(x_pred)
+        loss, stats["iqa"] = loss + cfg.iqa_weight * iqa, iqa.item()
+    stats["loss"] = loss.item()
+    return loss, per_sample, stats, t, x_pred
+
+
+def optimizer_step(cfg, stage, s, batch, generator, world, device, autocast):
+    """One step of the model (then of the discriminator): (stats, t (B,), per-example loss (B,)), or None
+    when a loss or the gradient is not finite, and then nothing is updated."""
+    micro = cfg.batch_size // cfg.grad_accum
+    s.optimizer.zero_grad(set_to_none=True)
+    stats, finite, times, per_example = {}, True, [], []
+    for k in range(cfg.grad_accum):
+        hr, lr = (batch[key][k * micro:(k + 1) * micro].to(device) for key in ("hr", "lr"))
+        with autocast:
+            loss, per_sample, micro_stats, t, x_pred = stage_loss(cfg, stage, s, hr, lr, generator)
+        finite = finite and bool(torch.isfinite(loss))
+        (loss / cfg.grad_accum).backward()
+        for key, value in micro_stats.items():
+            stats[key] = stats.get(key, 0.0) + value / cfg.grad_accum
+        times.append(t.detach().cpu())
+        per_example.append(per_sample.detach().float().cpu())
+    average_gradients(s.params, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip or float("inf"))
+    if any_rank(not finite, world, device) or not torch.isfinite(grad_norm):  # the norm is the same on all ranks
+        return None
+    s.optimizer.step()
+    if stage == 2:
+        update_ema(s.target, s.model, cfg.ema_decay)
+    if s.d_optimizer:  # the discriminator's turn, on the last micro-batch
+        s.d_optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            d_loss = losses.d_loss(s.discriminator(hr), s.discriminator(x_pred.detach()), cfg.gan_loss)
+        d_loss.backward()
+        average_gradients(s.d_params, world)
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(s.d_params, float("inf"))):
+            s.d_optimizer.step()
+        stats["gan_d"] = d_loss.item()
+    return {**stats, "grad_norm": grad_norm.item()}, torch.cat(times), torch.cat(per_example)
+
+
+def new_window():
+    """Sums of the stats since the last log line, and of the per-example loss by t in [0,.25) .. [.75,1]."""
+    return {"sums": {}, "count": 0, "by_t": torch.zeros(2, 4)}
+
+
+def resume(cfg, stage, s, state_path, signature, say):
+    """Load --resume's state into the stage's parts (refusing another model's); returns (step, log window)."""
+    state = load_state(state_path)
+    check_resumable(state_path, json.loads(state["signature"]), signature)
+    if set(state["model"]) != {n for n, p in s.model.named_parameters() if p.requires_grad}:
+        sys.exit(f"error: {state_path}: its trainable weights do not match this run's model")
+    old = json.loads(state["config"])
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+               if k in old and old[k] != v and k != "resume"]
+    if changed:
+        say("note: resuming with changed settings: " + ", ".join(changed))
+    s.model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
+    s.optimizer.load_state_dict(state["optimizer"])
+    for name in ("target", "discriminator", "d_optimizer"):
+        if name in state and getattr(s, name) is not None:  # a discriminator's optimizer only while --gan-weight > 0
+            getattr(s, name).load_state_dict(state[name])
+    say(f"resumed stage {stage} at step {state['step']} from {state_path}")
+    return state["step"], state.get("window", new_window())
+
+
+def train_stage(cfg, stage, dataset, val, rank, world, device, interrupted):
+    """Build (or resume) one stage, train it to its last step with checkpoints, logs and grids; return its model."""
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
     total = steps_for(cfg, stage)
     state_path = os.path.join(cfg.out_dir, f"stage{stage}_state.pt")
     model_path = os.path.join(cfg.out_dir, f"stage{stage}.safetensors")
-    model = build_model(cfg, stage, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    say(f"stage {stage}: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, {total} steps")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lpips = losses.try_load_lpips(cfg.lpips_vgg or None, cfg.lpips_heads or None, log=say)
-    lpips = lpips.to(device) if lpips is not None else None
-    if stage == 1:
-        method = RectifiedSRFlow(model.ae, lpips, cfg.lpips_weight, cfg.latent_weight)
-    else:
-        method = ConsistencyFlowDistillation(model.ae, lpips, cfg.hr_reg_weight, cfg.lpips_weight, cfg.distance,
-                                             cfg.huber_c, cfg.gt_at_zero, cfg.perturb_std)
-        teacher = lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
-        target = copy.deepcopy(model).requires_grad_(False)
-        discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
-        d_params = list(discriminator.parameters()) if cfg.gan_weight > 0 else []
-        d_optimizer = torch.optim.AdamW(d_params, lr=cfg.d_lr, betas=(0.5, 0.999)) if d_params else None
-        iqa = losses.try_load_clip_iqa(cfg.clip or None, log=say) if cfg.iqa_weight > 0 else None
-        iqa = iqa.to(device) if iqa is not None else None
-
-    step, signature = 0, model_signature(cfg, model)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    try:
+        s = build_stage(cfg, stage, device, say)
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    model, signature = s.model, model_signature(cfg, s.model)
+    say(f"stage {stage}: {sum(p.numel() for p in s.params) / 1e6:.2f} M trainable parameters, {total} steps")
+    step, window, saved_step = 0, new_window(), None
     if cfg.resume and os.path.exists(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_resumable(state_path, json.loads(state["signature"]), json.loads(json.dumps(signature)))
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state["model"]) != trainable:
-            sys.exit(f"error: {state_path}: its trainable weights do not match this run's model")
-        model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
-        optimizer.load_state_dict(state["optimizer"])
-        if stage == 2:
-            target.load_state_dict(state["target"])
-            discriminator.load_state_dict(state["discriminator"])
-            if d_optimizer:
-                d_optimizer.load_state_dict(state["d_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        step = state["step"]
-        say(f"resumed stage {stage} at step {step} from {state_path}")
+        step, window = resume(cfg, stage, s, state_path, signature, say)
+        saved_step = step
 
     def checkpoint():
-        if rank != 0:
-            return
-        state = {"step": step, "signature": json.dumps(signature), "config": json.dumps(dataclasses.asdict(cfg)),
-                 "model": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}
-        if stage == 2:
-            state.update(target=target.state_dict(), discriminator=discriminator.state_dict())
-            if d_optimizer:
-                state["d_optimizer"] = d_optimizer.state_dict()
-        save_state(state_path, state)
-        export(cfg, model, model_path, stage, step)
+        """The model file, then the training state: a failed or killed write leaves the last state intact."""
+        nonlocal saved_step
+        error = None
+        if rank == 0:
+            state = {"step": step, "signature": json.dumps(signature), "config": json.dumps(dataclasses.asdict(cfg)),
+                     "model": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                     "optimizer": s.optimizer.state_dict(), "window": window}
+            if stage == 2:
+                state.update(target=s.target.state_dict(), discriminator=s.discriminator.state_dict())
+                if s.d_optimizer:
+                    state["d_optimizer"] = s.d_optimizer.state_dict()
+            try:
+                export(cfg, model, model_path, stage, step)
+                save_state(state_path, state)
+            except OSError as e:
+                error = str(e).strip().splitlines()[0]
+        if any_rank(error is not None, world, device):
+            kept = (f"{state_path} still holds step {saved_step}" if saved_step is not None
+                    else "no earlier checkpoint of this stage")
+            sys.exit(f"error: could not save the stage {stage} checkpoint of step {step} ({error}); {kept}"
+                     if rank == 0 else 1)
+        saved_step = step
 
     if step >= total:
-        return model_path
-    os.makedirs(os.path.join(cfg.out_dir, "val"), exist_ok=True)
-    val = validation_batch(cfg) if rank == 0 else None
+        return model
+    if rank == 0:
+        trim_log(log_path, stage, step)
+        os.makedirs(os.path.join(cfg.out_dir, "val"), exist_ok=True)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    buckets = torch.zeros(2, 4)  # (sum, count) of the per-sample loss for t in [0,.25), [.25,.5), [.5,.75), [.75,1]
-    running, bad_in_row, started = {}, 0, time.time()
-    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True)
-    micro = cfg.batch_size // cfg.grad_accum
+    bad_in_row, started = 0, time.time()
     model.train()
-    for batch in batches(cfg, step, total, rank, world):
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 10_007 + step * 131 + rank)
-        optimizer.zero_grad(set_to_none=True)
-        stats_sum, finite = {}, True
-        for k in range(cfg.grad_accum):
-            hr = batch["hr"][k * micro:(k + 1) * micro].to(device)
-            lr = batch["lr"][k * micro:(k + 1) * micro].to(device)
-            with autocast:
-                z_L = model.encode(model.upsample_lr(lr))  # (b, C, h, w), through the LoRA-tuned encoder
-                with torch.no_grad(), lora.lora_disabled(model.ae):
-                    z_H = model.encode(hr)  # the frozen encoder defines the HR target
-                if stage == 1:
-                    t = sample_times(micro, cfg.slow_steps, generator).to(device)
-                    loss, per_sample, stats = method.loss(model, hr, z_H, z_L, t, None)
-                else:
-                    t, t_prev, _ = sample_adjacent_pairs(micro, cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
-                    t, t_prev = t.to(device), t_prev.to(device)
-                    loss, per_sample, stats, x_pred = method.loss(model, teacher, target, hr, z_H, z_L, t, t_prev,
-                                                                  None, generator)
-                    if d_optimizer:
-                        stats["gan_g"] = losses.g_loss(discriminator(x_pred), cfg.gan_loss)
-                        loss = loss + cfg.gan_weight * stats["gan_g"]
-                    if iqa is not None:
-                        stats["iqa"] = iqa(x_pred)
-                        loss = loss + cfg.iqa_weight * stats["iqa"]
-            finite = finite and bool(torch.isfinite(loss))
-            (loss / cfg.grad_accum).backward()
-            for key, value in stats.items():
-                stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
-            index = (t.detach().cpu() * 4).clamp(max=3.999).long()
-            buckets[0].index_add_(0, index, per_sample.detach().float().cpu())
-            buckets[1].index_add_(0, index, torch.ones(len(index)))
-        if any_rank(not finite, world, device):
-            bad_in_row += 1
-            say(f"warning: step {step}: non-finite loss, step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_bad_steps:
+    with tqdm(total=total, initial=step, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True) as bar:
+        for batch in batches(cfg, dataset, step, total, rank, world):
+            result = optimizer_step(cfg, stage, s, batch, step_generator(cfg, stage, step, rank), world, device,
+                                    autocast)
+            step += 1  # a skipped step uses up its batch too
+            bar.update(1)
+            if result is None:
+                bad_in_row += 1
+                say(f"warning: stage {stage} step {step}: non-finite loss or gradient, step skipped "
+                    f"({bad_in_row} in a row)")
+                if bad_in_row >= cfg.max_bad_steps:
+                    checkpoint()
+                    sys.exit(f"error: stage {stage} step {step}: {bad_in_row} non-finite losses in a row "
+                             f"(--max-bad-steps); stopped. {state_path} holds the weights of the last good step")
+            else:
+                stats, t, per_example = result
+                bad_in_row, index = 0, (t * 4).clamp(max=3.999).long()
+                window["by_t"][0].index_add_(0, index, per_example)
+                window["by_t"][1].index_add_(0, index, torch.ones(len(index)))
+                for key, value in stats.items():
+                    window["sums"][key] = window["sums"].get(key, 0.0) + value
+                window["count"] += 1
+                bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items() if k in ("loss", "pixel_mse", "consistency")})
+            if (step % cfg.log_every == 0 or step == total) and window["count"]:
+                means = {k: v / window["count"] for k, v in window["sums"].items()}
+                by_t = (window["by_t"][0] / window["by_t"][1].clamp(min=1)).tolist()
+                say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {time.time() - started:.0f}s")
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
+                window = new_window()
+            if rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
+                grid = os.path.join(cfg.out_dir, "val", f"stage{stage}_{step:06d}.png")
+                save_validation_grid(model.eval(), val, grid)
+                model.train()
+            stop = any_rank(interrupted.requested, world, device)
+            if step % cfg.ckpt_every == 0 or step == total or stop:
                 checkpoint()
-                sys.exit(f"error: {bad_in_row} non-finite losses in a row; stopped. Last good state: {state_path}")
-            continue
-        bad_in_row = 0
-        average_gradients(params, world)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        if stage == 2:
-            update_ema(target, model, cfg.ema_decay)
-            if d_optimizer:
-                d_optimizer.zero_grad(set_to_none=True)
-                with autocast:
-                    fake = x_pred.detach()
-                    d_loss = losses.d_loss(discriminator(hr), discriminator(fake), cfg.gan_loss)
-                d_loss.backward()
-                average_gradients(d_params, world)
-                d_optimizer.step()
-                stats_sum["gan_d"] = float(d_loss)
-        step += 1
-        for key, value in stats_sum.items():
-            running[key] = running.get(key, 0.0) + value
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in stats_sum.items() if k in ("loss", "pixel_mse", "consistency")})
-        if step % cfg.log_every == 0 or step == total:
-            means = {k: v / ((step - 1) % cfg.log_every + 1) for k, v in running.items()}
-            by_time = (buckets[0] / buckets[1].clamp(min=1)).tolist()
-            say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_time) + f" | {time.time() - started:.0f}s")
-            if rank == 0:
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_time}) + "\n")
-            running, buckets = {}, torch.zeros(2, 4)
-        if rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
-            save_validation_grid(model.eval(), val, os.path.join(cfg.out_dir, "val", f"stage{stage}_{step:06d}.png"),
-                                 device)
-            model.train()
-        stop = any_rank(interrupted.requested, world, device)
-        if step % cfg.ckpt_every == 0 or step == total or stop:
-            checkpoint()
-        if stop:
-            bar.close()
-            say(f"interrupted at stage {stage} step {step}; resume with --resume")
-            print(f"saved: {model_path}")
-            sys.exit(0)
-    bar.close()
-    return model_path
+            if stop:
+                say(f"interrupted: saved stage {stage} at step {step}/{total}; continue with --resume")
+                if rank == 0:
+                    print(f"saved: {model_path}", flush=True)
+                sys.exit(0)
+    if world > 1:
+        dist.barrier()  # the other ranks' stage 2 reads this stage's model file
+    return model
 
 
 def main(argv=None):
+    """Train; returns the model of the last stage (the same on every rank)."""
     cfg = parse(TrainConfig, argv)
-    rank, world, device = setup(cfg)
-    if rank == 0:
-        print("config:\n" + describe(cfg), flush=True)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    interrupted = Interrupted()
-    path = None
-    for stage in ((1, 2) if cfg.stage == "both" else (int(cfg.stage),)):
-        path = train_stage(cfg, stage, rank, world, device, interrupted)
+    with Interrupted() as interrupted:
+        rank, world, device = setup(cfg)
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say("config:\n" + describe(cfg), flush=True)
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
+        dataset = open_dataset(cfg, stages, world, say)
+        val = validation_batch(cfg, say) if rank == 0 else None
+        for stage in stages:
+            model = train_stage(cfg, stage, dataset, val, rank, world, device, interrupted)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
-        print(f"saved: {path}")
+    say(f"saved: {os.path.join(cfg.out_dir, f'stage{stages[-1]}.safetensors')}", flush=True)
+    return model
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ loads through these few functions, so that one rule holds everywhere (SPEC secti
 """
 import json
 import os
-import tempfile
 import zipfile
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open, save
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -96,10 +95,14 @@ def check_state_dict(module, state_dict, source, max_listed=5):
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+    model_floats = {k for k, v in module.state_dict().items() if v.is_floating_point()}
     mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {expected[k]}"
                   for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    wrong_dtype = [f"{k} is {state_dict[k].dtype}, not a float tensor"
+                   for k in model_floats if k in state_dict and not state_dict[k].is_floating_point()]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+                          ("wrong dtype", wrong_dtype)):
         if items:
             more = f" (+{len(items) - max_listed} more)" if len(items) > max_listed else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:max_listed])}{more}")
@@ -118,15 +121,23 @@ def load_strict(module, state_dict, source):
 
 
 def save_atomic(tensors, path, metadata=None):
-    """Write a .safetensors file atomically: temporary file in the same folder, fsync, rename."""
+    """Write a .safetensors file atomically (see write_atomic)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def write_atomic(path, write):
+    """Call write(binary file) on a temporary file in the same folder, fsync, rename over `path`.
+
+    A crash or a full disk never leaves half a file: the old file stays until the new one is complete.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:  # not mkstemp, whose files are private (0600) whatever the umask
+            write(f)
         fsync_and_rename(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-shot GPU run of bench/speed.py: ours vs the diffusers + PEFT reference, bf16, on one CUDA GPU.
+#
+#     bash bench/gpu.sh            # from anywhere; needs python3 (>= 3.10), an NVIDIA driver and internet for pip
+#
+# Installs the wheels into a throwaway virtual environment (/tmp/flowsr-gpu-venv), writes random SD 2.1-base
+# weights (~4 GB, /tmp/flowsr-bench), then times 128->512 (1 and 4 steps), 256->1024 tiled, and ours at
+# 256..2048 px. A few minutes on an H100 (most of it pip and writing the weights). Results:
+# bench/results/speed_cuda_bf16.{json,md}; compare ours on 128->512 with the paper's 0.14 s.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-/tmp/flowsr-gpu-venv}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+pip install -q --upgrade pip
+pip install -q "torch>=2.1" "torchvision>=0.16" "safetensors>=0.4" "tqdm>=4.60" "pillow>=9.0" \
+    "diffusers>=0.30" "transformers>=4.40" "peft>=0.10"
+python -c "import torch, diffusers, peft; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+python bench/speed.py --device cuda --dtype bf16 --runs 10 \
+    --note "bf16 weights and compute; $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"

@@ -1,0 +1,424 @@
+"""Speed and peak memory of one-step x4 SR: this project vs a diffusers + PEFT reference (issue 5).
+
+    python bench/speed.py --device cpu --dtype fp32 --runs 3
+    python bench/speed.py --device cuda --dtype bf16 --runs 10        # bench/gpu.sh does this on a GPU box
+
+Both pipelines run the same random weights at the real Stable Diffusion 2.1-base size (UNet 865.9 M
+parameters, VAE 83.7 M), written once to --work-dir in the diffusers folder layout, plus a random rank-4
+LoRA in the published FlowSR checkpoint layout (SPEC 8) on the usual targets (flowsr.UNET_LORA_TARGETS and
+the VAE encoder). No pretrained weights are needed: speed and memory do not depend on the values.
+
+- ours: sample.super_resolve on flowsr.FlowSR.load(checkpoint, base=...): unet.UNet + vae.AutoencoderKL,
+  LoRA merged into the weights at load time.
+- reference: diffusers' UNet2DConditionModel / AutoencoderKL with the LoRA injected by PEFT and left
+  unmerged, as the published inference code runs it; the published conventions (SPEC 7) written out below:
+  bilinear x4, reflect-pad to 64, posterior mean, FlowMatchEulerDiscreteScheduler(shift=3), Gaussian-blended
+  latent tiles of 96 / overlap 32 when the latent is larger than 96, diffusers' VAE tiling (enable_tiling)
+  in the tiled case, StableSR's wavelet colour fix.
+
+The text context (1, 77, 1024) comes from a tiny random CLIP text encoder: both pipelines compute the
+embedding of their fixed prompt once and cache it, so the text encoder is not part of either timing.
+Each pipeline runs in its own subprocess, so its RSS high-water mark (ru_maxrss, loading included) is its
+own; on CUDA the peak of torch.cuda.max_memory_allocated is reported too. Both processes of a case stay
+loaded and their runs alternate, so a change of background load hits both alike. Times: median of --runs,
+after one small warm-up run.
+"""
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import flag, parse  # noqa: E402
+from data import load_image  # noqa: E402
+from flowsr import FLOWSR_PROMPT_IDS, SD2_PAD_ID, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets  # noqa: E402
+from sample import DTYPES, SampleConfig, super_resolve  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHOTO = os.path.join(os.path.dirname(HERE), "photos", "train", "astronaut.png")
+CASES = {  # name: (LR side, Euler steps); latents above 96 run tiled in both pipelines
+    "128->512, 1 step": (128, 1),
+    "128->512, 4 steps": (128, 4),
+    "256->1024, 1 step, tiled": (256, 1),
+}
+SCALING_EXTRA = {"64->256, 1 step": (64, 1), "512->2048, 1 step, tiled": (512, 1)}  # ours only
+PAPER_GPU_SECONDS = 0.14  # FlowSR paper, 128->512, one step, on its GPU
+SD21_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                      attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=64,
+                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+LORA_RANK = 4
+
+
+@dataclass
+class BenchConfig:
+    """Time and measure this project's one-step SR against a diffusers + PEFT reference."""
+    device: str = flag("cpu", "cpu or cuda")
+    dtype: str = flag("fp32", "weights and compute precision", choices=("fp32", "bf16"))
+    runs: int = flag(3, "timed runs per case and pipeline (the median is reported)")
+    runs_tiled: int = flag(0, "timed runs of the tiled 1024 case (0: as --runs)")
+    scaling: bool = flag(True, "also time ours at 256 and 2048 px output (2048: one run)")
+    work_dir: str = flag(os.path.join(tempfile.gettempdir(), "flowsr-bench"), "where the random SD 2.1 weights go (~4 GB)")
+    out_dir: str = flag(os.path.join(HERE, "results"), "where the JSON and markdown results go")
+    note: str = flag("", "free text saved with the results (e.g. what else ran on the machine)")
+    worker: str = flag("", "internal: serve one pipeline's timed runs in this process", choices=("", "ours", "reference"))
+    case: str = flag("", "internal: the case a worker runs")
+
+
+# ---- the reference pipeline: diffusers + PEFT, the published inference conventions (SPEC 7) ---------
+
+def read_published_lora(path):
+    """{"unet"/"vae": (rank, target modules, state dict)} from a FlowSR LoRA file, as its metadata says."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["flowsr_checkpoint_metadata"])
+        parts = {}
+        for part in ("unet", "vae"):
+            names = meta["tensor_names"][f"{part}_state_dict"]
+            parts[part] = (meta["fields"][f"{part}_rank"], meta["fields"][f"{part}_lora_target_modules"],
+                           {key: f.get_tensor(stored) for stored, key in names.items()})
+    return parts
+
+
+def load_reference(sd_dir, lora_path, device, dtype):
+    """diffusers' UNet and VAE with the checkpoint's LoRA injected by PEFT, unmerged."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae", torch_dtype=dtype)
+    for model, (rank, targets, state) in zip((unet, vae), read_published_lora(lora_path).values()):
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=8, target_modules=targets), model)
+        model.load_state_dict(state, strict=False)
+        assert {k for k in model.state_dict() if ".lora_" in k} == set(state), "PEFT's LoRA differs from the file"
+    return unet.to(device, dtype).eval(), vae.to(device, dtype).eval()
+
+
+def gaussian_tile_weights(size, var=0.01):
+    x = (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) / size
+    profile = torch.exp(-x ** 2 / (2 * var))
+    return torch.outer(profile, profile)  # (size, size)
+
+
+def reference_velocity(unet, z, t, context, tile=96, overlap=32):
+    """One UNet call, or Gaussian-blended tiles of `tile` latent pixels when the latent is larger."""
+    h, w = z.shape[-2:]
+    if h <= tile and w <= tile:
+        return unet(z, t, encoder_hidden_states=context).sample
+    weights = gaussian_tile_weights(tile).to(z)
+    out, total = torch.zeros_like(z), torch.zeros(h, w).to(z)
+
+    def starts(n):  # every `tile - overlap`, the last tile flush with the end
+        return sorted({min(s, n - tile) for s in range(0, n - overlap, tile - overlap)})
+    for y in starts(h):
+        for x in starts(w):
+            out[:, :, y:y + tile, x:x + tile] += unet(z[:, :, y:y + tile, x:x + tile], t,
+                                                      encoder_hidden_states=context).sample * weights
+            total[y:y + tile, x:x + tile] += weights
+    return out / total
+
+
+def wavelet_reconstruction(content, style, levels=5):
+    """StableSR's wavelet colour fix: high frequencies of `content` + low frequencies of `style`."""
+    def low(image):
+        for i in range(levels):
+            kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]]).to(image) / 16
+            image = F.conv2d(F.pad(image, (2 ** i,) * 4, mode="replicate"), kernel.expand(3, 1, 3, 3),
+                             groups=3, dilation=2 ** i)
+        return image
+    return (content - low(content) + low(style)).clamp(0, 1)
+
+
+@torch.no_grad()
+def reference_super_resolve(unet, vae, scheduler, context, lr, steps):
+    """lr (1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1]."""
+    up = F.interpolate(lr, scale_factor=4, mode="bilinear") * 2 - 1  # (1, 3, H, W)
+    H, W = up.shape[-2:]
+    x = F.pad(up, (0, -W % 64, 0, -H % 64), mode="reflect").to(unet.dtype)
+    z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    scheduler.set_timesteps(steps)  # FlowMatchEuler, shift 3: one step is t = 1000
+    for t in scheduler.timesteps:
+        z = scheduler.step(reference_velocity(unet, z, t, context), t, z).prev_sample
+    sr = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)[:, :, :H, :W].float()
+    return wavelet_reconstruction((sr + 1) / 2, (up + 1) / 2)
+
+
+# ---- the shared random weights -------------------------------------------------------------------------
+
+def prepare(work_dir):
+    """Random SD 2.1-base (diffusers layout), a random LoRA (FlowSR layout) and a context; made once."""
+    sd_dir, lora_path = os.path.join(work_dir, "sd21-random"), os.path.join(work_dir, "lora.safetensors")
+    context_path = os.path.join(work_dir, "context.safetensors")
+    if os.path.exists(os.path.join(work_dir, "READY")):
+        return sd_dir, lora_path, context_path
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+    import lora
+    print(f"writing random SD 2.1-base weights to {work_dir} (once)", file=sys.stderr)
+    torch.manual_seed(0)
+    lora_states, targets = {}, {}
+    for part, model in (("unet", UNet2DConditionModel(**SD21_BASE_UNET)), ("vae", AutoencoderKL(**SD21_VAE))):
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert round(count, 1) == {"unet": 865.9, "vae": 83.7}[part], f"{part}: {count:.1f} M parameters"
+        model.save_pretrained(os.path.join(sd_dir, part))
+        targets[part] = UNET_LORA_TARGETS if part == "unet" else vae_encoder_targets(model)
+        inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=8, target_modules=targets[part]), model)
+        with torch.no_grad():  # B starts at zero in PEFT; a random B makes merged vs unmerged matter
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 1e-3)
+        lora_states[part] = {k: v.contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+        del model
+    fields = {"unet_rank": LORA_RANK, "unet_lora_target_modules": targets["unet"], "vae_rank": LORA_RANK,
+              "vae_lora_target_modules": targets["vae"], "lora_alpha": 8}
+    lora.write_flowsr_checkpoint(lora_path, fields, lora_states["unet"], lora_states["vae"],
+                                 extra_metadata={"flowsr_model": json.dumps({"upsample": "bilinear"})})
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
+                                        num_attention_heads=16, max_position_embeddings=77))
+    ids = torch.tensor([list(FLOWSR_PROMPT_IDS) + [SD2_PAD_ID] * (77 - len(FLOWSR_PROMPT_IDS))])
+    with torch.no_grad():
+        save_file({"context": text(ids).last_hidden_state.contiguous()}, context_path)  # (1, 77, 1024)
+    with open(os.path.join(work_dir, "READY"), "w") as f:
+        f.write(json.dumps({"torch": torch.__version__}))
+    return sd_dir, lora_path, context_path
+
+
+# ---- one pipeline in one process -------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StageTimer:
+    """Wraps a callable so that each call's time adds to totals[name] (encode / UNet / decode shares)."""
+
+    def __init__(self, device):
+        self.device, self.totals = device, {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            synchronize(self.device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return timed
+
+
+def build(pipeline, sd_dir, lora_path, context_path, device, dtype, timer, steps, tiled):
+    """A function lr -> sr for `pipeline`, with its VAE encode, UNet and VAE decode timed."""
+    from safetensors.torch import load_file
+    context = load_file(context_path)["context"].to(device, dtype)
+    if pipeline == "ours":
+        model = FlowSR.load(lora_path, base=sd_dir, context=context, dtype=dtype).to(device).eval()
+        model.encode, model.decode = timer.wrap("vae_encode", model.encode), timer.wrap("vae_decode", model.decode)
+        model.unet.forward = timer.wrap("unet", model.unet.forward)
+        cfg = SampleConfig(steps=steps, upsample="bilinear", device=device.type)
+        return lambda lr: super_resolve(model, lr, cfg)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    unet, vae = load_reference(sd_dir, lora_path, device, dtype)
+    if tiled:
+        vae.enable_tiling()
+    vae.encode, vae.decode = timer.wrap("vae_encode", vae.encode), timer.wrap("vae_decode", vae.decode)
+    unet.forward = timer.wrap("unet", unet.forward)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return lambda lr: reference_super_resolve(unet, vae, scheduler, context, lr, steps)
+
+
+def test_image(side):
+    """A photo resized to side x side, (1, 3, side, side): the work does not depend on it, the output check does."""
+    image = load_image(PHOTO)[0][None]
+    return F.interpolate(image, size=(side, side), mode="bicubic", antialias=True).clamp(0, 1)
+
+
+def current_rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def worker(cfg):
+    """Load one pipeline, warm it up, then time one run per "run" line on stdin until "done"."""
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    side, steps = {**CASES, **SCALING_EXTRA}[cfg.case]
+    paths = prepare(cfg.work_dir)
+    timer = StageTimer(device)
+    start = time.perf_counter()
+    run = build(cfg.worker, *paths, device, dtype, timer, steps, tiled=side * 4 // 8 > 96)
+    load_s, rss_loaded = time.perf_counter() - start, current_rss_mib()
+    lr = test_image(side).to(device)
+    run(test_image(32).to(device))  # warm-up: kernels, allocator, lazy inits
+    print("READY", flush=True)
+    times, stages = [], []
+    while sys.stdin.readline().strip() == "run":
+        timer.totals = {}
+        synchronize(device)
+        start = time.perf_counter()
+        sr = run(lr)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        stages.append(dict(timer.totals))
+        print(f"TIME {times[-1]}", flush=True)
+    out_path = os.path.join(cfg.work_dir, f"out-{cfg.worker}-{side}-{steps}.pt")
+    torch.save(sr.float().cpu(), out_path)
+    result = {"times_s": times, "median_s": statistics.median(times), "stages_s": stages, "load_s": load_s,
+              "rss_after_load_mib": rss_loaded,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "output": out_path}
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- the whole benchmark -----------------------------------------------------------------------------------
+
+class Worker:
+    """A pipeline in its own process (so its memory high-water mark is its own), driven line by line."""
+
+    def __init__(self, cfg, pipeline, case):
+        self.name = f"{case}: {pipeline}"
+        print(f"{self.name}: loading", file=sys.stderr, flush=True)
+        args = [sys.executable, os.path.abspath(__file__), "--worker", pipeline, "--case", case,
+                "--device", cfg.device, "--dtype", cfg.dtype, "--work-dir", cfg.work_dir]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.expect("READY")
+
+    def expect(self, tag):
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        sys.exit(f"error: {self.name}: the worker died (exit status {self.proc.wait()})")
+
+    def run(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        seconds = float(self.expect("TIME"))
+        print(f"{self.name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+
+    def finish(self):
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.expect("RESULT"))
+        self.proc.wait()
+        return result
+
+
+def measure(cfg, case, pipelines, runs):
+    """{pipeline: result}; the pipelines' runs alternate, so a change of background load hits both alike."""
+    workers = {p: Worker(cfg, p, case) for p in pipelines}
+    for _ in range(runs):
+        for w in workers.values():
+            w.run()
+    return {p: w.finish() for p, w in workers.items()}
+
+
+def machine():
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_start": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def output_difference(a_path, b_path):
+    """(max |a - b|, PSNR in dB) between two outputs in [0, 1]."""
+    a, b = torch.load(a_path), torch.load(b_path)
+    mse = (a - b).pow(2).mean().item()
+    return (a - b).abs().max().item(), (10 * torch.log10(torch.tensor(1 / mse)).item() if mse else float("inf"))
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [f"# Speed: {report['device']} {report['dtype']}", "",
+             f"{m['date']}; {m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+             f"torch {m['torch']}; load average {m['load_average_start'][1]:.1f} at start, "
+             f"{m['load_average_end'][1]:.1f} at end (5-min means); {report['wall_s'] / 60:.0f} min. {report['note']}", "",
+             "| case | ours (s) | reference (s) | reference / ours | peak memory ours (MiB) | peak memory reference "
+             "(MiB) | outputs: max abs diff / PSNR |", "|---|---|---|---|---|---|---|"]
+    for name, row in report["cases"].items():
+        ours, ref = row["ours"], row["reference"]
+        mem = "peak_cuda_mib" if "peak_cuda_mib" in ours else "peak_rss_mib"
+        lines.append(f"| {name} ({len(ours['times_s'])} runs) | {ours['median_s']:.2f} | {ref['median_s']:.2f} | "
+                     f"{row['ratio']:.2f}x | {ours[mem]:.0f} | {ref[mem]:.0f} | {row['max_abs_diff']:.1e} / "
+                     f"{row['psnr_between_db']:.1f} dB |")
+    lines += ["", f"Peak memory: {'CUDA max_memory_allocated' if report['device'] == 'cuda' else 'RSS high-water mark'}"
+              " of the pipeline's own process, loading included. The FlowSR paper reports "
+              f"{report['paper_gpu_128_512_s']} s for 128->512 on its GPU.", "",
+              "Share of time, 128->512, one step (median run):", "",
+              "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
+    for pipeline, share in report["stages_128_512"].items():
+        lines.append(f"| {pipeline} | " + " | ".join(f"{100 * share[k]:.0f}%"
+                                                  for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
+    if report.get("scaling"):
+        lines += ["", "Ours, one step, by output size:", "", "| output | seconds | runs | s per megapixel |",
+                  "|---|---|---|---|"]
+        for side, row in sorted(report["scaling"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {side} px | {row['median_s']:.2f} | {row['runs']} | "
+                         f"{row['median_s'] / (int(side) ** 2 / 1e6):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_shares(result):
+    """Fractions of the median run spent in each stage (rest: up-sampling, padding, colour fix, copies)."""
+    i = result["times_s"].index(result["median_s"]) if result["median_s"] in result["times_s"] else 0
+    total, stages = result["times_s"][i], result["stages_s"][i]
+    shares = {k: stages.get(k, 0.0) / total for k in ("vae_encode", "unet", "vae_decode")}
+    return {**shares, "rest": 1 - sum(shares.values())}
+
+
+def main(argv=None):
+    cfg = parse(BenchConfig, argv)
+    if cfg.worker:
+        return worker(cfg)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device")
+    started = time.time()
+    prepare(cfg.work_dir)
+    report = {"device": cfg.device, "dtype": cfg.dtype, "note": cfg.note, "machine": machine(), "cases": {},
+              "paper_gpu_128_512_s": PAPER_GPU_SECONDS}
+    for case, (side, steps) in CASES.items():
+        runs = (cfg.runs_tiled or cfg.runs) if side * 4 // 8 > 96 else cfg.runs
+        row = measure(cfg, case, ("ours", "reference"), runs)
+        row["ratio"] = row["reference"]["median_s"] / row["ours"]["median_s"]
+        row["max_abs_diff"], row["psnr_between_db"] = output_difference(row["ours"]["output"],
+                                                                        row["reference"]["output"])
+        report["cases"][case] = row
+    first = report["cases"]["128->512, 1 step"]
+    report["stages_128_512"] = {p: stage_shares(first[p]) for p in ("ours", "reference")}
+    if cfg.scaling:
+        scaling = {"512": first["ours"], "1024": report["cases"]["256->1024, 1 step, tiled"]["ours"]}
+        scaling["256"] = measure(cfg, "64->256, 1 step", ("ours",), cfg.runs)["ours"]
+        scaling["2048"] = measure(cfg, "512->2048, 1 step, tiled", ("ours",), 1)["ours"]
+        report["scaling"] = {side: {"median_s": r["median_s"], "runs": len(r["times_s"]),
+                                    "peak_rss_mib": r["peak_rss_mib"]} for side, r in scaling.items()}
+    report["wall_s"], report["machine"]["load_average_end"] = time.time() - started, os.getloadavg()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    stem = os.path.join(cfg.out_dir, f"speed_{cfg.device}_{cfg.dtype}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+"""sample.py: parity with a diffusers + PEFT reference of the published pipeline, the command line, bad input, tiling.
+
+Most tests call sample.main(argv) in-process (a subprocess costs seconds of imports); one runs the real CLI.
+Interface tests use tiny checkpoints written here: an "identity" model (zero velocity, so the result is
+exactly up(x_LR) and the expected pixels are known) and one with random weights.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import sample
+from configs import parse
+from conftest import PHOTOS, ROOT
+from flowsr import FLOWSR_PROMPT, FlowSR
+from test_flowsr import SD1_TEXT_WIDTH, build_sd_folder, noisy_, published_case
+from weights import read_metadata
+
+BUNDLED = sample.BUNDLED_MODEL
+
+
+# ---- fixtures and helpers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny full checkpoints: `identity` (v = 0: the output is up(x_LR)) and `random` (random weights)."""
+    folder = tmp_path_factory.mktemp("models")
+    identity = FlowSR.tiny()
+    nn.init.zeros_(identity.unet.conv_out.weight)
+    nn.init.zeros_(identity.unet.conv_out.bias)
+    identity.save(folder / "identity.safetensors")
+    torch.manual_seed(0)
+    noisy_(FlowSR.tiny()).save(folder / "random.safetensors")
+    return SimpleNamespace(identity=str(folder / "identity.safetensors"), random=str(folder / "random.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A tiny SD 2.x folder and a published-format FlowSR LoRA checkpoint on it (see test_flowsr.py)."""
+    return published_case(str(tmp_path_factory.mktemp("published")))
+
+
+def photo(width, height, name="chelsea.png"):
+    """A real photo, resized: (height, width, 3) uint8."""
+    return np.array(Image.open(os.path.join(PHOTOS, "heldout", name)).convert("RGB").resize((width, height)))
+
+
+def write(path, pixels, mode=None, **options):
+    Image.fromarray(pixels, mode).save(path, **options) if mode else Image.fromarray(pixels).save(path, **options)
+    return str(path)
+
+
+def read(path):
+    with Image.open(path) as image:
+        return image.mode, image.size, np.asarray(image).astype(np.float64)
+
+
+def run(capsys, *argv):
+    """sample.main in-process: (exit code, stdout, stderr lines)."""
+    capsys.readouterr()  # drop what came before (other libraries' progress bars)
+    code = sample.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
+def upsampled(pixels, mode="bicubic"):
+    """What the identity model writes: up(x_LR) clamped, in 0..255."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).double()[None] / 255
+    return (F.interpolate(x, scale_factor=4, mode=mode, align_corners=False).clamp(0, 1)[0]
+            .permute(1, 2, 0).numpy() * 255)
+
+
+def to_tensor(pixels):
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()[None] / 255  # (1, 3, h, w)
+
+
+# ---- parity with the published pipeline (SPEC 7) ----------------------------------------------------------
+
+def stablesr_wavelet_fix(content, style):
+    """StableSR's wavelet_reconstruction (its colorfix.py): content's high frequencies + style's low ones."""
+    def blur(image, radius):
+        kernel = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]],
+                              dtype=image.dtype)[None, None].repeat(3, 1, 1, 1)
+        return F.conv2d(F.pad(image, (radius,) * 4, mode="replicate"), kernel, groups=3, dilation=radius)
+
+    def decompose(image, levels=5):
+        high = torch.zeros_like(image)
+        for i in range(levels):
+            low = blur(image, 2 ** i)
+            high += image - low
+            image = low
+        return high, low
+
+    return (decompose(content)[0] + decompose(style)[1]).clamp(0, 1)
+
+
+@torch.no_grad()
+def reference_sr(folder, unet, vae, lr, multiple=8):
+    """SPEC 7 with diffusers + PEFT (LoRA unmerged) + transformers: lr (1, 3, h, w) in [0, 1] -> [0, 1]."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    ids = tokenizer(FLOWSR_PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    context = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))(ids).last_hidden_state
+    up = F.interpolate(lr, scale_factor=4, mode="bilinear", align_corners=False) * 2 - 1
+    H, W = up.shape[-2:]
+    x = F.pad(up, (0, -W % multiple, 0, -H % multiple), mode="reflect")
+    s = vae.config.scaling_factor
+    z = s * vae.encode(x).latent_dist.mean
+    v = unet(z, 1000, encoder_hidden_states=context).sample
+    sr = vae.decode((z - v) / s).sample.clamp(-1, 1)[:, :, :H, :W]
+    return stablesr_wavelet_fix((sr + 1) / 2, (up + 1) / 2)
+
+
+def test_published_checkpoint_parity_with_diffusers_peft_reference(published, tmp_path, capsys):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    folder, checkpoint, unet, vae = published
+    pixels = photo(13, 11)  # -> 52 x 44, reflect-padded to 56 x 48 (this model's multiple is 8)
+    lr = to_tensor(pixels)
+    expected = reference_sr(folder, unet, vae, lr)
+    without_lora = reference_sr(folder, UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")),
+                                AutoencoderKL.from_pretrained(os.path.join(folder, "vae")), lr)
+    assert (expected - without_lora).abs().mean() > 0.02  # the LoRA weights matter to the result
+
+    argv = ["--base", folder, "--checkpoint", checkpoint, "--cache-dir", tmp_path / "cache", "-q"]
+    code, _, err = run(capsys, write(tmp_path / "lr.png", pixels), "-o", tmp_path / "sr.png", *argv)
+    assert code == 0 and not err
+    mode, size, written = read(tmp_path / "sr.png")
+    assert mode == "RGB" and size == (52, 44)
+    # Through the files: 8-bit rounding of the same numbers, so at most one level apart (measured: max 1 level,
+    # mean 0.0009 levels).
+    diff = np.abs(written - (expected[0].permute(1, 2, 0).numpy() * 255).round())
+    assert diff.max() <= 1 and diff.mean() < 0.01
+    # The numbers themselves, on [0, 1] (measured: max abs diff 8e-6, mean 1e-6; the LoRA merged vs unmerged and
+    # another summation order in the UNet and VAE).
+    cfg = parse(sample.SampleConfig, ["x", *map(str, argv)])
+    ours = sample.super_resolve(sample.load_model(cfg, torch.device("cpu")), lr, cfg)
+    assert (ours - expected).abs().max() < 5e-5
+
+
+def test_posterior_sample_follows_the_seed(published, tmp_path, capsys):
+    folder, checkpoint = published[0], published[1]
+    lr = write(tmp_path / "lr.png", photo(12, 10))
+    outputs = {}
+    sampled = ["--posterior", "sample", "--seed"]
+    for name, extra in (("mean", []), ("s1", sampled + ["1"]), ("s1b", sampled + ["1"]), ("s2", sampled + ["2"])):
+        code, _, _ = run(capsys, lr, "-o", tmp_path / f"{name}.png", "--base", folder, "--checkpoint", checkpoint,
+                         "--cache-dir", tmp_path / "cache", "-q", *extra)
+        assert code == 0
+        outputs[name] = read(tmp_path / f"{name}.png")[2]
+    assert np.array_equal(outputs["s1"], outputs["s1b"])
+    assert not np.array_equal(outputs["s1"], outputs["s2"]) and not np.array_equal(outputs["s1"], outputs["mean"])
+
+
+def test_prompt_embedding_cache_is_used_on_the_second_run(published, tmp_path, capsys):
+    """The second run must not read the text encoder: it still works once the file is destroyed (same size and
+    time stamp, so the cache key is unchanged), while a new prompt, not in the cache, then fails on it."""
+    base = str(tmp_path / "sd")
+    shutil.copytree(published[0], base)
+    lr = write(tmp_path / "lr.png", photo(12, 10))
+    argv = ["--base", base, "--checkpoint", published[1], "--cache-dir", tmp_path / "cache", "-q",
+            "--prompt", "a sharp photo"]
+    assert run(capsys, lr, "-o", tmp_path / "first.png", *argv)[0] == 0
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+    weights = os.path.join(base, "text_encoder", "model.safetensors")
+    stat = os.stat(weights)
+    with open(weights, "r+b") as f:
+        f.write(b"\0" * stat.st_size)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run(capsys, lr, "-o", tmp_path / "second.png", *argv)[0] == 0
+    assert np.array_equal(read(tmp_path / "first.png")[2], read(tmp_path / "second.png")[2])
+    code, _, err = run(capsys, lr, "-o", tmp_path / "third.png", *argv[:-1], "another prompt")
+    assert code == 1 and len(err) == 1 and weights in err[0]
+
+
+def test_checkpoints_that_do_not_fit_the_base(published, tmp_path, capsys):
+    folder, checkpoint = published[0], published[1]
+    lr = write(tmp_path / "lr.png", photo(12, 10))
+    sd1 = build_sd_folder(str(tmp_path / "sd15"), SD1_TEXT_WIDTH, sd1=True, tokenizer_from=folder)
+    code, _, err = run(capsys, lr, "--base", sd1, "--checkpoint", checkpoint, "--cache-dir", tmp_path, "-q")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith(f"error: {checkpoint}: ") and "an SD 1.x base for an SD 2.x checkpoint" in err[0]
+
+    # the same LoRA, but its metadata says rank 8: every lora_A is the wrong shape
+    payload = json.loads(read_metadata(checkpoint)["flowsr_checkpoint_metadata"])
+    payload["fields"]["unet_rank"] = 8
+    bad = str(tmp_path / "rank8.safetensors")
+    save_file(load_file(checkpoint), bad, metadata={"flowsr_checkpoint_metadata": json.dumps(payload)})
+    code, _, err = run(capsys, lr, "--base", folder, "--checkpoint", bad, "--cache-dir", tmp_path, "-q")
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {bad} (unet): ") and "shape mismatch" in err[0]
+    assert not os.path.exists(tmp_path / "lr_x4.png")
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+def test_outputs_beside_input_to_file_or_folder(models, tmp_path, capsys):
+    a = write(tmp_path / "a.png", photo(16, 12))
+    code, out, err = run(capsys, a, "--checkpoint", models.identity, "-q")
+    assert code == 0 and not err and not out
+    assert read(tmp_path / "a_x4.png")[:2] == ("RGB", (64, 48))
+
+    code, _, _ = run(capsys, a, "-o", tmp_path / "out" / "b.jpg", "--checkpoint", models.identity, "-q")
+    assert code == 0 and Image.open(tmp_path / "out" / "b.jpg").format == "JPEG"
+
+    shots = tmp_path / "shots"
+    (shots / "sub").mkdir(parents=True)
+    write(shots / "c.png", photo(12, 12))
+    write(shots / "sub" / "d.jpg", photo(12, 16))
+    shutil.copy(tmp_path / "a_x4.png", shots / "c_x4.png")  # an earlier result: skipped, not upscaled again
+    write(tmp_path / "e.png", photo(8, 8))
+    code, out, err = run(capsys, shots, str(tmp_path / "e*.png"), a, "-o", tmp_path / "all", "--checkpoint",
+                         models.identity, "--compare")
+    assert code == 0
+    written = sorted(os.path.relpath(os.path.join(r, n), tmp_path / "all")
+                     for r, _, names in os.walk(tmp_path / "all") for n in names)
+    assert written == sorted(["c_x4.png", "c_x4_compare.png", "sub/d_x4.png", "sub/d_x4_compare.png", "e_x4.png",
+                              "e_x4_compare.png", "a_x4.png", "a_x4_compare.png"])
+    assert read(tmp_path / "all" / "sub" / "d_x4.png")[1] == (48, 64)
+    assert read(tmp_path / "all" / "sub" / "d_x4_compare.png")[1] == (96, 64)  # upsampled input | result
+    assert any("images: 100%" in line for line in err)  # the progress bar of several inputs
+    assert out.count("wrote ") == 4
+
+
+def test_identity_model_gives_the_upsampled_input(models, tmp_path, capsys):
+    """With v = 0 the pipeline must return up(x_LR) exactly: no shift, flip, crop or padding error anywhere."""
+    pixels = photo(15, 9)  # 60 x 36: padded to 64 x 40 for the networks, cropped back
+    lr = write(tmp_path / "lr.png", pixels)
+    for mode in ("bicubic", "bilinear"):
+        code, _, _ = run(capsys, lr, "-o", tmp_path / f"{mode}.png", "--checkpoint", models.identity, "--upsample",
+                         mode, "-q")
+        assert code == 0
+        assert np.abs(read(tmp_path / f"{mode}.png")[2] - upsampled(pixels, mode)).max() <= 0.5 + 1e-6
+
+
+def test_overwrite_and_inputs_are_never_overwritten(models, tmp_path, capsys):
+    a = write(tmp_path / "a.png", photo(12, 12))
+    argv = ["--checkpoint", models.identity, "-q"]
+    assert run(capsys, a, *argv)[0] == 0
+    first = os.stat(tmp_path / "a_x4.png").st_mtime_ns
+    code, _, err = run(capsys, a, *argv)
+    assert code == 1 and err == [f"error: {a}: {tmp_path / 'a_x4.png'} exists (use --overwrite to replace it)"]
+    assert os.stat(tmp_path / "a_x4.png").st_mtime_ns == first
+    assert run(capsys, a, *argv, "--overwrite")[0] == 0
+
+    before = (tmp_path / "a.png").read_bytes()
+    code, _, err = run(capsys, a, "-o", a, *argv, "--overwrite")
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {a}: its output {a} is an input")
+    # a.png's output a_x4.png is itself an input here: it is left alone, and so is a.png
+    x4_before = (tmp_path / "a_x4.png").read_bytes()
+    code, _, err = run(capsys, a, tmp_path / "a_x4.png", "-o", tmp_path, *argv, "--overwrite")
+    assert code == 1 and any("is an input" in line for line in err)
+    assert (tmp_path / "a.png").read_bytes() == before and (tmp_path / "a_x4.png").read_bytes() == x4_before
+
+    (tmp_path / "twin").mkdir()
+    write(tmp_path / "twin" / "b.png", photo(12, 12))
+    write(tmp_path / "twin" / "b.jpg", photo(12, 12))
+    code, _, err = run(capsys, tmp_path / "twin", *argv)
+    assert code == 1 and len(err) == 1 and re.search(r"b\.png: its output .*b_x4\.png is also the output of .*b\.jpg",
+                                                     err[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{b}", "-o", "{tmp}/x.png"], "names one file, but there are 2 inputs"),
+    (["-o", "{tmp}/x.bmp"], "cannot write .bmp"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap in"),
+    (["--tile-size", "33"], "--tile-size 33 must be a multiple of 2"),
+    (["--device", "nonsense"], "--device nonsense: not a device"),
+])
+def test_bad_flags(models, tmp_path, capsys, argv, message):
+    a, b = write(tmp_path / "a.png", photo(12, 12)), write(tmp_path / "b.png", photo(12, 12))
+    argv = [arg.format(b=b, tmp=tmp_path) for arg in argv]
+    code, _, err = run(capsys, a, *argv, "--checkpoint", models.identity, "-q")
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_device(models, tmp_path, capsys):
+    code, _, err = run(capsys, write(tmp_path / "a.png", photo(12, 12)), "--device", "cuda", "--checkpoint",
+                       models.identity, "-q")
+    assert code == 2 and err == ["error: --device cuda: not available on this machine"]
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = str(tmp_path / "nothing.safetensors")
+    code, _, err = run(capsys, write(tmp_path / "a.png", photo(12, 12)), "--checkpoint", missing, "-q")
+    assert code == 1 and err == [f"error: {missing}: no such file"]
+
+
+def test_prompt_does_not_apply_to_a_fixed_context_model(models, tmp_path, capsys):
+    code, _, err = run(capsys, write(tmp_path / "a.png", photo(12, 12)), "--prompt", "a cat", "--checkpoint",
+                       models.identity, "-q")
+    assert code == 1 and len(err) == 1 and models.identity in err[0] and "a prompt does not apply" in err[0]
+
+
+# ---- input files ------------------------------------------------------------------------------------------
+
+def test_bad_inputs_each_give_one_line_and_the_rest_goes_on(models, tmp_path, capsys):
+    png = (tmp_path / "ok.png")
+    write(png, photo(16, 12))
+    data = png.read_bytes()
+    bad = {
+        "missing": str(tmp_path / "missing.png"),
+        "not an image": str(tmp_path / "notes.png"),
+        "truncated": str(tmp_path / "truncated.png"),
+        "corrupt": str(tmp_path / "corrupt.jpg"),
+        "empty": str(tmp_path / "empty.png"),
+        "too small": write(tmp_path / "small.png", photo(7, 20)),
+        "too large": write(tmp_path / "large.png", photo(40, 30)),
+    }
+    (tmp_path / "notes.png").write_text("these are my notes, not a picture\n")
+    (tmp_path / "truncated.png").write_bytes(data[:len(data) // 2])
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(300))
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = write(tmp_path / "good.png", photo(16, 12))
+    code, _, err = run(capsys, *bad.values(), good, "--checkpoint", models.identity, "--max-pixels", 1000, "-q")
+    assert code == 1
+    assert read(tmp_path / "good_x4.png")[1] == (64, 48)
+    assert len(err) == len(bad) and not any("Traceback" in line for line in err)
+    for kind, path in bad.items():
+        lines = [line for line in err if line.startswith(f"error: {path}: ")]
+        assert len(lines) == 1, (kind, err)
+        assert not os.path.exists(path[:-4] + "_x4.png")
+    assert "exceeds the limit of 1000 pixels" in next(line for line in err if bad["too large"] in line)
+    assert "smaller than 8 pixels" in next(line for line in err if bad["too small"] in line)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_image_modes(models, tmp_path, capsys):
+    """16-bit, grayscale, palette, RGBA, CMYK: read as the right RGB (the identity model shows it), written 8-bit."""
+    rgb = photo(12, 10)
+    gray8 = np.asarray(Image.fromarray(rgb).convert("L"))
+    gray16 = (gray8.astype(np.uint16) * 257 + 128)  # full 16-bit scale: must not saturate
+    alpha = np.tile(np.linspace(0, 255, 12).astype(np.uint8), (10, 1))
+    palette = Image.fromarray(rgb).quantize(16)
+    cases = {
+        "gray16.png": (Image.fromarray(gray16), np.repeat(gray16[..., None] / 257.0, 3, axis=2)),
+        "gray.png": (Image.fromarray(gray8), np.repeat(gray8[..., None], 3, axis=2)),
+        "palette.png": (palette, np.asarray(palette.convert("RGB"))),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, alpha])), rgb),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), None),
+    }
+    for name, (image, _) in cases.items():
+        image.save(tmp_path / name, quality=100) if name.endswith(".jpg") else image.save(tmp_path / name)
+    code, _, err = run(capsys, *(tmp_path / name for name in cases), "--checkpoint", models.identity, "-q")
+    assert code == 0 and not err
+    for name, (_, expected) in cases.items():
+        mode, size, result = read(tmp_path / (name.split(".")[0] + "_x4.png"))
+        assert size == (48, 40) and mode == ("RGBA" if name == "rgba.png" else "RGB")
+        if expected is not None:
+            assert np.abs(result[..., :3] - upsampled(expected.astype(np.float64).round().astype(np.uint8))).max() <= 1
+    result = read(tmp_path / "cmyk_x4.png")[2]
+    assert np.abs(result - upsampled(rgb)).mean() < 8  # CMYK JPEG -> RGB, near the source colours
+    # RGBA: the alpha channel is upscaled on its own (bicubic)
+    assert np.abs(read(tmp_path / "rgba_x4.png")[2][..., 3] - upsampled(np.dstack([alpha] * 3))[..., 0]).max() <= 1
+
+
+def test_exif_orientation_is_honoured(models, tmp_path, capsys):
+    """A JPEG stored rotated with EXIF orientation 6: the result is upright, left red and right blue."""
+    upright = np.zeros((16, 24, 3), np.uint8)
+    upright[:, :12] = (220, 30, 30)
+    upright[:, 12:] = (30, 30, 220)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 16 wide, 24 tall on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    code, _, _ = run(capsys, tmp_path / "rotated.jpg", "--checkpoint", models.identity, "-q")
+    _, size, result = read(tmp_path / "rotated_x4.png")
+    assert code == 0 and size == (96, 64)
+    left, right = result[:, :40].mean((0, 1)), result[:, 56:].mean((0, 1))
+    assert left[0] > 180 and left[2] < 70 and right[2] > 180 and right[0] < 70
+
+
+def test_outputs_are_atomic(models, tmp_path, capsys, monkeypatch):
+    """A write that fails half-way leaves neither a partial output nor a temporary file."""
+    def failing_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+    a = write(tmp_path / "a.png", photo(12, 12))
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    code, _, err = run(capsys, a, "--checkpoint", models.identity, "-q")
+    assert code == 1 and err == [f"error: {a}: No space left on device"]
+    assert sorted(os.listdir(tmp_path)) == ["a.png"]
+
+
+# ---- steps, colour fix, precision -------------------------------------------------------------------------
+
+class ConstantVelocity(nn.Module):
+    """A stand-in UNet: v = 0.1 everywhere; records the timesteps it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(block_out_channels=(1, 2))
+        self.calls = []
+
+    def forward(self, z, t, context):
+        self.calls.append(round(float(t[0]), 2))
+        return torch.full_like(z, 0.1)
+
+
+def test_multi_step_grid_and_euler_steps():
+    model = FlowSR(ConstantVelocity(), FlowSR.tiny().ae, torch.zeros(1, 1, 4)).eval()
+    lr = to_tensor(photo(12, 8))
+    up = F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+    for steps, timesteps in ((1, [1000.0]), (2, [1000.0, 8.93]), (4, [1000.0, 857.69, 602.15, 8.93])):
+        model.unet.calls.clear()
+        cfg = parse(sample.SampleConfig, ["x", "--steps", str(steps), "--color-fix", "none"])
+        out = sample.super_resolve(model, lr, cfg)
+        assert model.unet.calls == timesteps
+        # the steps add up to z_L - v, and v = 0.1 on [-1, 1] is 0.05 on [0, 1]
+        assert (out - (up - 0.05).clamp(0, 1)).abs().max() < 1e-5
+
+
+def test_color_fix_modes(models):
+    model = FlowSR.load(models.random)
+    lr = to_tensor(photo(16, 12))
+    up = F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+    out = {mode: sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--color-fix", mode]))
+           for mode in ("none", "wavelet", "adain")}
+    assert (out["none"] - out["wavelet"]).abs().mean() > 0.01  # measured 0.023
+    # AdaIN: the channel means of the upsampled input (up to the final clamp; measured max diff 3e-8)
+    assert (out["adain"].mean((2, 3)) - up.mean((2, 3))).abs().max() < 1e-3
+    # wavelet: the low frequencies of the upsampled input (measured mean abs diff 0.0067, against 0.027 without)
+    def low_diff(x):
+        return (sample.wavelet_split(x)[1] - sample.wavelet_split(up)[1]).abs().mean()
+    assert low_diff(out["wavelet"]) < low_diff(out["none"]) / 2
+
+
+def test_bf16_stays_close_to_fp32(models, tmp_path, capsys):
+    lr = write(tmp_path / "a.png", photo(16, 12))
+    for dtype in ("fp32", "bf16"):
+        assert run(capsys, lr, "-o", tmp_path / f"{dtype}.png", "--dtype", dtype, "--checkpoint", models.random,
+                   "-q")[0] == 0
+    diff = np.abs(read(tmp_path / "fp32.png")[2] - read(tmp_path / "bf16.png")[2])
+    assert diff.mean() < 3 and diff.max() < 30  # measured on these random weights: mean 1.05, max 9 levels of 255
+
+
+# ---- tiles ------------------------------------------------------------------------------------------------
+
+class Pointwise(nn.Module):
+    """A stand-in UNet that sees each latent pixel alone: tiling it must change nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(block_out_channels=(1, 2))
+
+    def forward(self, z, t, context):
+        return torch.sin(3 * z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiles_blend_to_the_untiled_result_for_any_tile_size(dtype):
+    """Gaussian blend weights sum to one at every pixel, for tiles that do not divide the latent (22 x 34) too;
+    in fp16 as well (the corner weights would underflow there without the float32 blend)."""
+    z = torch.randn(1, 3, 22, 34).to(dtype)
+    t = torch.tensor([1000.0])
+    model = FlowSR(Pointwise(), FlowSR.tiny().ae, torch.zeros(1, 1, 4))
+    untiled = sample.tiled_velocity(model, z, t, 0, 0)
+    for tile, overlap in ((6, 2), (10, 3), (14, 5), (20, 0), (34, 8)):
+        tiled = sample.tiled_velocity(model, z, t, tile, overlap)
+        assert tiled.dtype == dtype and torch.isfinite(tiled).all()
+        assert (tiled.float() - untiled.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_one_tile_is_the_untiled_result(published, models, tmp_path, capsys):
+    """An image that fits in one latent tile and one VAE tile: tiled and untiled settings agree exactly
+    (measured max abs diff 0), for the learned VAE and for the pixel autoencoder."""
+    lr = write(tmp_path / "a.png", photo(20, 16))
+    for name, argv in (("sd", ["--base", published[0], "--checkpoint", published[1], "--cache-dir", tmp_path]),
+                       ("tiny", ["--checkpoint", models.random])):
+        assert run(capsys, lr, "-o", tmp_path / f"{name}_tiled.png", *argv, "-q")[0] == 0
+        assert run(capsys, lr, "-o", tmp_path / f"{name}_untiled.png", *argv, "-q", "--tile-size", 0,
+                   "--vae-tile-size", 0)[0] == 0
+        assert np.array_equal(read(tmp_path / f"{name}_tiled.png")[2], read(tmp_path / f"{name}_untiled.png")[2])
+
+
+# ---- the bundled model on real photos ---------------------------------------------------------------------
+
+needs_bundled = pytest.mark.skipif(not os.path.isfile(BUNDLED), reason=f"{BUNDLED} not trained yet")
+
+
+@pytest.fixture(scope="module")
+def degraded_photo():
+    from data import load_image
+    from degradations import degrade_realesrgan
+    hr = load_image(os.path.join(PHOTOS, "heldout", "chelsea.png"))[0][:, :256, :256]  # (3, 256, 256)
+    lr = degrade_realesrgan(hr, 4, torch.Generator().manual_seed(0))  # (3, 64, 64), on the 8-bit levels
+    return hr, lr
+
+
+def psnr(a, b):
+    return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+
+
+@needs_bundled
+def test_bundled_model_beats_bicubic_on_a_real_photo(degraded_photo, tmp_path, capsys):
+    hr, lr = degraded_photo
+    lr_pixels = (lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path = write(tmp_path / "chelsea.png", lr_pixels)
+    code, _, err = run(capsys, path, "-q")  # the bundled model, output beside the input
+    assert code == 0 and not err
+    mode, size, sr = read(tmp_path / "chelsea_x4.png")
+    assert mode == "RGB" and size == (256, 256)
+    target = hr.permute(1, 2, 0).numpy() * 255
+    assert psnr(sr, target) > psnr(upsampled(lr_pixels), target)
+
+
+@needs_bundled
+def test_bundled_model_tiled_close_to_untiled(degraded_photo):
+    """A 64 x 64 latent in 2 x 2 tiles of 40 (overlap 16) against one pass: the Gaussian blend hides the seams
+    (measured on a stage-1 tiny model: mean abs diff 0.003, max 0.07 on [0, 1])."""
+    model = FlowSR.load(BUNDLED)
+    lr = degraded_photo[1][None]
+    untiled = sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--tile-size", "0"]))
+    tiled = sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--tile-size", "40", "--tile-overlap",
+                                                                         "16"]))
+    diff = (tiled - untiled).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+# ---- the real command line --------------------------------------------------------------------------------
+
+def test_cli_subprocess(models, tmp_path):
+    good = write(tmp_path / "good.png", photo(12, 12))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), good, str(tmp_path / "bad.png"),
+                             "--checkpoint", models.identity, "-q"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'bad.png'}: not a readable image (")
+    assert read(tmp_path / "good_x4.png")[1] == (48, 48)

@@ -1,0 +1,309 @@
+"""train.py under stress: exact resume, kills, signals, a full disk, NaN losses, two ranks.
+
+Every check compares against one uninterrupted run of the same tiny config (both stages, 4 steps each, on
+small crops of the shipped photos): a run that was cut short and resumed must end with the same weights,
+training state and log, bit for bit.
+"""
+import contextlib
+import errno
+import io
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+import weights
+from consistency import ConsistencyFlowDistillation
+from flow import RectifiedSRFlow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4  # per stage; checkpoints every 2 steps
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three shipped photos, shrunk to 64 x 64 so that loading them costs nothing."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut.png", "brick.png", "camera.png"):
+        Image.open(os.path.join(ROOT, "photos", "train", name)).convert("RGB").resize((64, 64)).save(folder / name)
+    return folder
+
+
+def args(photos, out, *extra):
+    return ["--data", str(photos), "--val-data", str(photos), "--out-dir", str(out), "--crop-size", "32",
+            "--batch-size", "2", "--max-steps", str(STEPS), "--num-workers", "0", "--log-every", "1",
+            "--val-every", "3", "--ckpt-every", "2", *extra]
+
+
+def run(argv):
+    """train.main in this process, quietly; returns (model or SystemExit, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            result = train.main(argv)
+        except SystemExit as e:
+            result = e
+    return result, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    model, _ = run(args(photos, out))
+    assert isinstance(model, torch.nn.Module)
+    return out
+
+
+def log_of(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same(a, b):
+    """Exact equality of nested dicts / lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def assert_same_run(out, reference):
+    """Same log, same model files, same training state (weights, AdamW moments, EMA target, discriminator)."""
+    assert log_of(out) == log_of(reference)
+    assert [(r["stage"], r["step"]) for r in log_of(out)] == [(s, n) for s in (1, 2) for n in range(1, STEPS + 1)]
+    for stage in (1, 2):
+        name = f"stage{stage}.safetensors"
+        assert same(load_file(os.path.join(out, name)), load_file(os.path.join(reference, name))), name
+        state, expected = (torch.load(os.path.join(d, f"stage{stage}_state.pt"), weights_only=True)
+                           for d in (out, reference))
+        assert state["step"] == expected["step"] == STEPS
+        for key in ("model", "optimizer", "target", "discriminator", "d_optimizer", "window"):
+            assert same(state.get(key), expected.get(key)), f"stage {stage} state: {key} differs"
+
+
+def signal_at(monkeypatch, method, call, sig):
+    """Send `sig` to this process from inside the `call`-th loss evaluation of `method`."""
+    original, calls = method.loss, itertools.count(1)
+
+    def loss(self, *a, **k):
+        if next(calls) == call:
+            os.kill(os.getpid(), sig)
+        return original(self, *a, **k)
+    monkeypatch.setattr(method, "loss", loss)
+
+
+@pytest.mark.parametrize("method, sig", [(RectifiedSRFlow, signal.SIGINT),
+                                         (ConsistencyFlowDistillation, signal.SIGTERM)])
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(photos, reference, tmp_path, monkeypatch,
+                                                                   method, sig):
+    handler = signal.getsignal(signal.SIGINT)
+    signal_at(monkeypatch, method, 3, sig)
+    stopped, stdout = run(args(photos, tmp_path))
+    monkeypatch.undo()
+    assert isinstance(stopped, SystemExit) and stopped.code == 0
+    stage = 1 if method is RectifiedSRFlow else 2
+    assert f"saved stage {stage} at step 3/{STEPS}" in stdout
+    assert stdout.splitlines()[-1] == f"saved: {tmp_path / f'stage{stage}.safetensors'}"
+    state = torch.load(tmp_path / f"stage{stage}_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["optimizer"]["state"][0]["step"] == 3  # AdamW's own count
+    assert signal.getsignal(signal.SIGINT) is handler  # train.main gives the handlers back
+    model, stdout = run(args(photos, tmp_path, "--resume"))
+    assert isinstance(model, torch.nn.Module)
+    assert f"resumed stage {stage} at step 3" in stdout
+    assert_same_run(tmp_path, reference)
+
+
+def test_stages_run_one_at_a_time_equal_both_at_once(photos, reference, tmp_path):
+    """Stage 2 in a fresh process (its teacher from the stage-1 file) starts exactly where `--stage both` does."""
+    for stage in ("1", "2"):
+        torch.randn(7)  # whatever this process drew before, fresh weights come from --seed
+        model, _ = run(args(photos, tmp_path, "--stage", stage))
+        assert isinstance(model, torch.nn.Module)
+    assert_same_run(tmp_path, reference)
+
+
+def test_resume_inside_a_log_window_logs_the_whole_window(photos, reference, tmp_path, monkeypatch):
+    signal_at(monkeypatch, RectifiedSRFlow, 3, signal.SIGINT)
+    stopped, _ = run(args(photos, tmp_path, "--stage", "1", "--log-every", "4"))
+    monkeypatch.undo()
+    assert isinstance(stopped, SystemExit) and stopped.code == 0 and not (tmp_path / "log.jsonl").exists()
+    model, _ = run(args(photos, tmp_path, "--stage", "1", "--log-every", "4", "--resume"))
+    assert isinstance(model, torch.nn.Module)
+    (logged,), steps = log_of(tmp_path), log_of(reference)[:STEPS]
+    assert logged["step"] == STEPS and logged["loss"] == sum((r["loss"] for r in steps), 0.0) / STEPS
+
+
+def subprocess_env():
+    # one thread, like this process (conftest): float sums in another order would not compare bit for bit
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(argv, stdout):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
+                            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_for_log_lines(process, out, n, timeout=60):
+    """Until log.jsonl has n lines (or the run ended): a moment inside training."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        try:
+            with open(os.path.join(out, "log.jsonl")) as f:
+                if sum(1 for _ in f) >= n:
+                    return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+
+
+def test_killed_at_random_moments_resumes_to_the_same_weights(photos, reference, tmp_path):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"kill moments from seed {seed}")
+    killed = 0
+    for target in sorted(rng.sample(range(1, 2 * STEPS), 3)):  # log lines before the kill, then a random delay
+        process = start(args(photos, tmp_path, "--resume"), subprocess.DEVNULL)
+        wait_for_log_lines(process, tmp_path, target)
+        time.sleep(rng.uniform(0, 0.3))
+        process.send_signal(signal.SIGKILL)
+        killed += process.wait(timeout=60) == -signal.SIGKILL
+    assert killed >= 1
+    model, stdout = run(args(photos, tmp_path, "--resume"))
+    assert isinstance(model, torch.nn.Module) and "resumed stage" in stdout  # the last kill came after step 2
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(photos, reference, tmp_path):
+    """SIGTERM to the whole process group, as `kill -- -PGID` or a cluster scheduler sends it: the DataLoader
+    worker gets it too, and must leave the stopping to the main process."""
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        process = start(args(photos, tmp_path, "--num-workers", "1"), stdout)
+        wait_for_log_lines(process, tmp_path, 2)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    lines = (tmp_path / "stdout.txt").read_text().splitlines()
+    assert any(line.startswith("interrupted: saved stage") for line in lines)
+    assert lines[-1].startswith("saved: ") and os.path.isfile(lines[-1][len("saved: "):])
+    model, _ = run(args(photos, tmp_path, "--resume"))
+    assert isinstance(model, torch.nn.Module)
+    assert_same_run(tmp_path, reference)
+
+
+def disk_full_at(suffix):
+    """The second write of OUT_DIR/<suffix> fails as on a full disk: half the temporary file written, then ENOSPC."""
+    def inject(monkeypatch):
+        original, calls = weights.fsync_and_rename, itertools.count(1)
+
+        def fsync_and_rename(tmp, path):
+            if path.endswith(suffix) and next(calls) == 2:
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return original(tmp, path)
+        monkeypatch.setattr(weights, "fsync_and_rename", fsync_and_rename)
+    return inject
+
+
+disk_full_in_export = disk_full_at("stage1.safetensors")
+disk_full_in_state = disk_full_at("stage1_state.pt")
+
+
+@pytest.mark.parametrize("failure", [disk_full_in_export, disk_full_in_state])
+def test_failed_checkpoint_write_stops_and_keeps_the_previous_one(photos, reference, tmp_path, monkeypatch, failure):
+    failure(monkeypatch)
+    stopped, _ = run(args(photos, tmp_path))
+    monkeypatch.undo()
+    state_path = tmp_path / "stage1_state.pt"
+    assert isinstance(stopped, SystemExit) and isinstance(stopped.code, str)
+    assert stopped.code.startswith("error: could not save the stage 1 checkpoint of step 4 (")
+    assert "No space left on device" in stopped.code and "\n" not in stopped.code
+    assert stopped.code.endswith(f"; {state_path} still holds step 2")
+    assert torch.load(state_path, weights_only=True)["step"] == 2
+    meta = json.loads(weights.read_metadata(tmp_path / "stage1.safetensors")["flowsr_model"])
+    assert meta["step"] == (2 if failure is disk_full_in_export else 4)  # the model file is written first
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+    assert not (tmp_path / "stage2.safetensors").exists()
+    model, _ = run(args(photos, tmp_path, "--resume"))
+    assert isinstance(model, torch.nn.Module)
+    assert_same_run(tmp_path, reference)
+
+
+def nan_from(monkeypatch, bad_calls):
+    """Stage-1 losses of the given calls become NaN (as from a diverging model)."""
+    original, calls = RectifiedSRFlow.loss, itertools.count(1)
+
+    def loss(self, *a, **k):
+        value, per_sample, stats, *rest = original(self, *a, **k)
+        if next(calls) in bad_calls:
+            value = value * float("nan")
+        return (value, per_sample, stats, *rest)
+    monkeypatch.setattr(RectifiedSRFlow, "loss", loss)
+
+
+def test_nonfinite_loss_skips_the_step(photos, tmp_path, monkeypatch):
+    nan_from(monkeypatch, {2})
+    model, stdout = run(args(photos, tmp_path, "--stage", "1"))
+    assert isinstance(model, torch.nn.Module)
+    assert stdout.count("non-finite") == 1 and "stage 1 step 2: non-finite loss" in stdout
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["step"] for r in log_of(tmp_path)] == [1, 3, 4]  # the skipped step logs nothing
+    assert torch.load(tmp_path / "stage1_state.pt", weights_only=True)["optimizer"]["state"][0]["step"] == 3
+
+
+def test_nonfinite_losses_in_a_row_stop_with_the_last_good_state(photos, tmp_path, monkeypatch):
+    good, _ = run(args(photos, tmp_path / "good", "--stage", "1", "--max-steps", "2"))
+    nan_from(monkeypatch, set(range(3, 100)))
+    stopped, stdout = run(args(photos, tmp_path / "bad", "--stage", "1", "--max-steps", "10", "--ckpt-every", "100",
+                               "--max-bad-steps", "3"))
+    state_path = tmp_path / "bad" / "stage1_state.pt"
+    assert isinstance(stopped, SystemExit) and isinstance(stopped.code, str) and "\n" not in stopped.code
+    assert stopped.code.startswith("error: stage 1 step 5: 3 non-finite losses in a row")
+    assert str(state_path) in stopped.code and stdout.count("non-finite") == 3
+    state = torch.load(state_path, weights_only=True)
+    expected = torch.load(tmp_path / "good" / "stage1_state.pt", weights_only=True)
+    assert state["step"] == 5  # the NaN batches are used up: a resume goes on after them
+    assert same(state["model"], expected["model"]) and same(state["optimizer"], expected["optimizer"])
+
+
+# ---- two ranks ------------------------------------------------------------------------------------------
+
+def rank_worker(rank, port, argvs, result_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        model = train.main(argvs[rank])
+    torch.save({"weights": model.state_dict(), "stdout": out.getvalue()}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_end_with_the_same_weights_and_only_rank0_writes(photos, tmp_path):
+    init = tmp_path / "rank0" / "stage1.safetensors"  # stage 2 of both ranks reads rank 0's stage-1 file
+    argvs = [args(photos, tmp_path / f"rank{rank}", "--max-steps", "2", "--init", str(init)) for rank in (0, 1)]
+    torch.multiprocessing.start_processes(rank_worker, args=(free_port(), argvs, str(tmp_path)), nprocs=2,
+                                          start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not (tmp_path / "rank1").exists()  # rank 1 wrote nothing
+    assert results[1]["stdout"] == "" and results[0]["stdout"].splitlines()[-1].startswith("saved: ")
+    assert same(results[0]["weights"], results[1]["weights"])
+    saved = load_file(tmp_path / "rank0" / "stage2.safetensors")
+    assert same({k: v for k, v in results[1]["weights"].items() if k.startswith("unet.")},
+                {k: v for k, v in saved.items() if k.startswith("unet.")})
