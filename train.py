@@ -46,8 +46,10 @@ from schedulers import sample_adjacent_pairs, sample_times
 from weights import WeightsError, write_atomic
 
 PRESETS = {  # what a 0 / "" in the config means for each preset
-    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage1_steps=2000, stage2_steps=500, grad_checkpointing=False),
-    "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage1_steps=20000, stage2_steps=20000, grad_checkpointing=True),
+    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=2000, stage2_steps=150,
+                 grad_checkpointing=False),
+    "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage2_lr=2e-5, stage1_steps=20000, stage2_steps=20000,
+                 grad_checkpointing=True),
 }
 
 
@@ -66,7 +68,8 @@ class TrainConfig:
     batch_size: int = flag(0, "images per optimizer step and rank (0: preset default)")
     grad_accum: int = flag(1, "micro-batches per optimizer step (batch_size is split between them)")
     crop_size: int = flag(0, "HR crop size in pixels (0: preset default)")
-    lr: float = flag(0.0, "AdamW learning rate (0: preset default)")
+    lr: float = flag(0.0, "AdamW learning rate of stage 1 (0: preset default)")
+    stage2_lr: float = flag(0.0, "AdamW learning rate of stage 2, a fine-tune of stage 1 (0: preset default)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     seed: int = flag(0, "seed of the data, the time draws and the initial weights")
@@ -85,7 +88,7 @@ class TrainConfig:
     huber_c: float = flag(1e-3, "pseudo-Huber c")
     gt_at_zero: bool = flag(True, "use the ground-truth z_H as the consistency target when t_{n-1} = 0")
     perturb_std: float = flag(0.0, "std of the mild Gaussian perturbation of z_tn")
-    gan_weight: float = flag(0.05, "lambda_GAN (0: no discriminator)")
+    gan_weight: float = flag(0.01, "lambda_GAN (0: no discriminator)")
     gan_loss: str = flag("hinge", "GAN loss", choices=losses.GAN_KINDS)
     d_lr: float = flag(1e-4, "discriminator learning rate")
     iqa_weight: float = flag(0.1, "lambda_IQA (needs --clip)")
@@ -112,7 +115,7 @@ class TrainConfig:
 def setup(cfg):
     """Fill preset defaults; start the process group under torchrun; pick the device."""
     defaults = PRESETS[cfg.preset]
-    for key in ("batch_size", "crop_size", "lr"):
+    for key in ("batch_size", "crop_size", "lr", "stage2_lr"):
         if not getattr(cfg, key):
             setattr(cfg, key, defaults[key])
     if cfg.grad_checkpointing == "auto":
@@ -179,7 +182,7 @@ def build_stage(cfg, stage, device, say):
     if cfg.crop_size % s.model.pad_multiple:
         sys.exit(f"error: --crop-size {cfg.crop_size} must be a multiple of {s.model.pad_multiple} for this model")
     s.params = [p for p in s.model.parameters() if p.requires_grad]
-    s.optimizer = torch.optim.AdamW(s.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    s.optimizer = torch.optim.AdamW(s.params, lr=cfg.lr if stage == 1 else cfg.stage2_lr, weight_decay=cfg.weight_decay)
     lpips = losses.try_load_lpips(cfg.lpips_vgg or None, cfg.lpips_heads or None, log=say)
     lpips = lpips.to(device) if lpips is not None else None
     if stage == 1:

@@ -55,7 +55,7 @@ DEGRADATIONS = ("realesrgan", "bicubic")
 class ReproduceConfig:
     """Train tiny FlowSR models (stage 1, stage 2, ablations) and score them on held-out photos."""
     stage1_steps: int = flag(2000, "stage-1 optimizer steps")
-    stage2_steps: int = flag(350, "optimizer steps of EVERY stage-2 row (one budget for all)")
+    stage2_steps: int = flag(300, "optimizer steps of EVERY stage-2 row (one budget for all)")
     seed: int = flag(0, "training seed (data order, time draws, initial weights)")
     eval_seed: int = flag(0, "seed of the Real-ESRGAN degradation of the held-out photos")
     train_data: str = flag(os.path.join(ROOT, "photos", "train"), "HR training photos")
@@ -136,8 +136,8 @@ def uniform_sampling_grid():
 
 
 def flow_method(model, steps, uniform=False):
-    # one tile for the whole latent: these models are small, and tiles would only blend in seams
-    cfg = sample.SampleConfig(steps=steps, tile_size=10 ** 6, device="cpu")
+    # no tiles: these models are small, and tiles would only blend in seams
+    cfg = sample.SampleConfig(steps=steps, tile_size=0, device="cpu")
 
     def run(lr):
         with uniform_sampling_grid() if uniform else contextlib.nullcontext():
@@ -178,9 +178,9 @@ def score(rows, images, lpips):
                 outputs[key, name, degradation] = sr[0]
                 per_image.append({"image": name, "degradation": degradation, "psnr_y": psnr_y(sr, hr[None]).item(),
                                   "ssim_y": ssim_y(sr, hr[None]).item(),
-                                  "lpips": lpips(sr * 2 - 1, hr[None] * 2 - 1).item() if lpips else None})
+                                  "lpips": lpips(sr * 2 - 1, hr[None] * 2 - 1).item() if lpips is not None else None})
         mean = {d: {m: (sum(r[m] for r in per_image if r["degradation"] == d) / len(images)
-                        if lpips or m != "lpips" else None) for m in ("psnr_y", "ssim_y", "lpips")}
+                        if lpips is not None or m != "lpips" else None) for m in ("psnr_y", "ssim_y", "lpips")}
                 for d in DEGRADATIONS}
         results[key] = {"label": label, "nfe": nfe, "mean": mean, "images": per_image,
                         "seconds_per_image": sum(seconds) / len(seconds)}
@@ -209,7 +209,7 @@ def markdown(report):
     m = report["machine"]
     lines = [f"# Small-scale reproduction{' (SMOKE: plumbing check, numbers mean nothing)' * report['smoke']}", "",
              f"{m['date']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']}; whole run {report['wall_s'] / 60:.1f}"
-             f" min (training {report['train_s'] / 60:.1f} min). Budgets: stage 1 {report['config']['stage1_steps']}"
+             f" min (training {sum(report['train_s'].values()) / 60:.1f} min). Budgets: stage 1 {report['config']['stage1_steps']}"
              f" steps, every stage-2 row {report['config']['stage2_steps']} steps (batch 8, 64-px crops, seed "
              f"{report['config']['seed']}). Held-out: {', '.join(report['heldout'])}.", "",
              "| method | NFE | PSNR-Y Real-ESRGAN | SSIM-Y Real-ESRGAN | PSNR-Y bicubic | SSIM-Y bicubic | LPIPS | "
@@ -241,11 +241,11 @@ def main(argv=None):
     print("config:\n" + describe(cfg), flush=True)
     started = time.time()
     check_work_dir(cfg)
-    stage1_path, train_s = train(cfg, "stage1", 1, cfg.stage1_steps, [])
+    train_s = {}  # wall seconds of each train.py run (a few when an earlier run had already finished it)
+    stage1_path, train_s["stage1"] = train(cfg, "stage1", 1, cfg.stage1_steps, [])
     stage2_paths = {}
     for key, (_, flags) in STAGE2_ROWS.items():
-        stage2_paths[key], seconds = train(cfg, key, 2, cfg.stage2_steps, ["--init", stage1_path, *flags])
-        train_s += seconds
+        stage2_paths[key], train_s[key] = train(cfg, key, 2, cfg.stage2_steps, ["--init", stage1_path, *flags])
     notes = []
     lpips = try_load_lpips(cfg.lpips_vgg or None, cfg.lpips_heads or None, log=notes.append)
     images = heldout_set(cfg)

@@ -1,6 +1,7 @@
 """Speed and peak memory of one-step x4 SR: this project vs a diffusers + PEFT reference (issue 5).
 
     python bench/speed.py --device cpu --dtype fp32 --runs 3
+    python bench/speed.py --cases tiled 2048                          # add (or redo) cases in the results file
     python bench/speed.py --device cuda --dtype bf16 --runs 10        # bench/gpu.sh does this on a GPU box
 
 Both pipelines run the same random weights at the real Stable Diffusion 2.1-base size (UNet 865.9 M
@@ -21,7 +22,7 @@ embedding of their fixed prompt once and cache it, so the text encoder is not pa
 Each pipeline runs in its own subprocess, so its RSS high-water mark (ru_maxrss, loading included) is its
 own; on CUDA the peak of torch.cuda.max_memory_allocated is reported too. Both processes of a case stay
 loaded and their runs alternate, so a change of background load hits both alike. Times: median of --runs,
-after one small warm-up run.
+after one small warm-up run. Results: bench/results/speed_DEVICE_DTYPE.{json,md}, written after every case.
 """
 import datetime
 import json
@@ -46,12 +47,13 @@ from sample import DTYPES, SampleConfig, super_resolve  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTO = os.path.join(os.path.dirname(HERE), "photos", "train", "astronaut.png")
-CASES = {  # name: (LR side, Euler steps); latents above 96 run tiled in both pipelines
-    "128->512, 1 step": (128, 1),
-    "128->512, 4 steps": (128, 4),
-    "256->1024, 1 step, tiled": (256, 1),
+CASES = {  # key: (title, LR side, Euler steps, pipelines); latents above 96 run in tiles in both pipelines
+    "1step": ("128->512, 1 step", 128, 1, ("ours", "reference")),
+    "4steps": ("128->512, 4 steps", 128, 4, ("ours", "reference")),
+    "tiled": ("256->1024, 1 step, tiled", 256, 1, ("ours", "reference")),
+    "256": ("64->256, 1 step", 64, 1, ("ours",)),  # with 1step and tiled: how ours grows with the output size
+    "2048": ("512->2048, 1 step, tiled", 512, 1, ("ours",)),
 }
-SCALING_EXTRA = {"64->256, 1 step": (64, 1), "512->2048, 1 step, tiled": (512, 1)}  # ours only
 PAPER_GPU_SECONDS = 0.14  # FlowSR paper, 128->512, one step, on its GPU
 SD21_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
                       attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=64,
@@ -68,13 +70,14 @@ class BenchConfig:
     device: str = flag("cpu", "cpu or cuda")
     dtype: str = flag("fp32", "weights and compute precision", choices=("fp32", "bf16"))
     runs: int = flag(3, "timed runs per case and pipeline (the median is reported)")
-    runs_tiled: int = flag(0, "timed runs of the tiled 1024 case (0: as --runs)")
-    scaling: bool = flag(True, "also time ours at 256 and 2048 px output (2048: one run)")
+    runs_tiled: int = flag(0, "timed runs of the tiled case (0: as --runs); the 2048 case runs once")
+    cases: list = flag(list(CASES), f"cases to run ({', '.join(CASES)}); tiled and 2048 are slow on a CPU")
+    fresh: bool = flag(False, "start a new results file instead of updating the cases of the existing one")
     work_dir: str = flag(os.path.join(tempfile.gettempdir(), "flowsr-bench"), "where the random SD 2.1 weights go (~4 GB)")
     out_dir: str = flag(os.path.join(HERE, "results"), "where the JSON and markdown results go")
     note: str = flag("", "free text saved with the results (e.g. what else ran on the machine)")
     worker: str = flag("", "internal: serve one pipeline's timed runs in this process", choices=("", "ours", "reference"))
-    case: str = flag("", "internal: the case a worker runs")
+    case: str = flag("", "internal: the case a worker runs", choices=("", *CASES))
 
 
 # ---- the reference pipeline: diffusers + PEFT, the published inference conventions (SPEC 7) ---------
@@ -254,7 +257,7 @@ def current_rss_mib():
 def worker(cfg):
     """Load one pipeline, warm it up, then time one run per "run" line on stdin until "done"."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
-    side, steps = {**CASES, **SCALING_EXTRA}[cfg.case]
+    _, side, steps, _ = CASES[cfg.case]
     paths = prepare(cfg.work_dir)
     timer = StageTimer(device)
     start = time.perf_counter()
@@ -273,6 +276,8 @@ def worker(cfg):
         times.append(time.perf_counter() - start)
         stages.append(dict(timer.totals))
         print(f"TIME {times[-1]}", flush=True)
+    if not times:  # the parent went away before asking for a run
+        return
     out_path = os.path.join(cfg.work_dir, f"out-{cfg.worker}-{side}-{steps}.pt")
     torch.save(sr.float().cpu(), out_path)
     result = {"times_s": times, "median_s": statistics.median(times), "stages_s": stages, "load_s": load_s,
@@ -289,11 +294,12 @@ class Worker:
     """A pipeline in its own process (so its memory high-water mark is its own), driven line by line."""
 
     def __init__(self, cfg, pipeline, case):
-        self.name = f"{case}: {pipeline}"
+        self.name = f"{CASES[case][0]}: {pipeline}"
         print(f"{self.name}: loading", file=sys.stderr, flush=True)
         args = [sys.executable, os.path.abspath(__file__), "--worker", pipeline, "--case", case,
                 "--device", cfg.device, "--dtype", cfg.dtype, "--work-dir", cfg.work_dir]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.load_1min = []  # the machine's load average after each run: what else was running
         self.expect("READY")
 
     def expect(self, tag):
@@ -306,23 +312,32 @@ class Worker:
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
         seconds = float(self.expect("TIME"))
-        print(f"{self.name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        self.load_1min.append(os.getloadavg()[0])
+        print(f"{self.name}: {seconds:.2f} s (load {self.load_1min[-1]:.1f})", file=sys.stderr, flush=True)
 
     def finish(self):
         self.proc.stdin.write("done\n")
         self.proc.stdin.flush()
         result = json.loads(self.expect("RESULT"))
         self.proc.wait()
-        return result
+        return {**result, "load_1min": self.load_1min}
 
 
-def measure(cfg, case, pipelines, runs):
-    """{pipeline: result}; the pipelines' runs alternate, so a change of background load hits both alike."""
+def measure(cfg, case, runs):
+    """A row {pipeline: result, ...}; the pipelines' runs alternate, so background load hits both alike."""
+    title, _, _, pipelines = CASES[case]
     workers = {p: Worker(cfg, p, case) for p in pipelines}
     for _ in range(runs):
         for w in workers.values():
             w.run()
-    return {p: w.finish() for p, w in workers.items()}
+    row = {"title": title, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           **{p: w.finish() for p, w in workers.items()}}
+    if "reference" in row:
+        ours, ref = row["ours"], row["reference"]
+        row["ratio"] = ref["median_s"] / ours["median_s"]
+        row["ratio_per_run"] = [r / o for r, o in zip(ref["times_s"], ours["times_s"])]
+        row["max_abs_diff"], row["psnr_between_db"] = output_difference(ours["output"], ref["output"])
+    return row
 
 
 def machine():
@@ -332,7 +347,7 @@ def machine():
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_start": os.getloadavg()}
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -340,39 +355,42 @@ def machine():
 
 def output_difference(a_path, b_path):
     """(max |a - b|, PSNR in dB) between two outputs in [0, 1]."""
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
     mse = (a - b).pow(2).mean().item()
     return (a - b).abs().max().item(), (10 * torch.log10(torch.tensor(1 / mse)).item() if mse else float("inf"))
 
 
 def markdown(report):
-    m = report["machine"]
+    m, cases = report["machine"], report["cases"]
+    mem = "peak_cuda_mib" if report["device"] == "cuda" else "peak_rss_mib"
     lines = [f"# Speed: {report['device']} {report['dtype']}", "",
-             f"{m['date']}; {m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-             f"torch {m['torch']}; load average {m['load_average_start'][1]:.1f} at start, "
-             f"{m['load_average_end'][1]:.1f} at end (5-min means); {report['wall_s'] / 60:.0f} min. {report['note']}", "",
-             "| case | ours (s) | reference (s) | reference / ours | peak memory ours (MiB) | peak memory reference "
-             "(MiB) | outputs: max abs diff / PSNR |", "|---|---|---|---|---|---|---|"]
-    for name, row in report["cases"].items():
+             f"{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}. "
+             f"{report['note']}", "",
+             "| case | ours (s) | reference (s) | reference / ours (per run) | peak memory ours / reference (MiB) "
+             "| outputs: max abs diff / PSNR | date; load average after each run (ours/ref) |", "|---|---|---|---|---|---|---|"]
+    for row in (cases[k] for k in CASES if k in cases and "reference" in cases[k]):
         ours, ref = row["ours"], row["reference"]
-        mem = "peak_cuda_mib" if "peak_cuda_mib" in ours else "peak_rss_mib"
-        lines.append(f"| {name} ({len(ours['times_s'])} runs) | {ours['median_s']:.2f} | {ref['median_s']:.2f} | "
-                     f"{row['ratio']:.2f}x | {ours[mem]:.0f} | {ref[mem]:.0f} | {row['max_abs_diff']:.1e} / "
-                     f"{row['psnr_between_db']:.1f} dB |")
-    lines += ["", f"Peak memory: {'CUDA max_memory_allocated' if report['device'] == 'cuda' else 'RSS high-water mark'}"
+        per_run = ", ".join(f"{r:.2f}" for r in row["ratio_per_run"])
+        loads = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(ours["load_1min"], ref["load_1min"]))
+        lines.append(f"| {row['title']} ({len(ours['times_s'])} runs) | {ours['median_s']:.2f} | {ref['median_s']:.2f} "
+                     f"| **{row['ratio']:.2f}x** ({per_run}) | {ours[mem]:.0f} / {ref[mem]:.0f} | "
+                     f"{row['max_abs_diff']:.1e} / {row['psnr_between_db']:.1f} dB | {row['date']}; {loads} |")
+    lines += ["", f"Memory: {'CUDA max_memory_allocated' if report['device'] == 'cuda' else 'RSS high-water mark'}"
               " of the pipeline's own process, loading included. The FlowSR paper reports "
-              f"{report['paper_gpu_128_512_s']} s for 128->512 on its GPU.", "",
-              "Share of time, 128->512, one step (median run):", "",
-              "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
-    for pipeline, share in report["stages_128_512"].items():
-        lines.append(f"| {pipeline} | " + " | ".join(f"{100 * share[k]:.0f}%"
-                                                  for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
-    if report.get("scaling"):
-        lines += ["", "Ours, one step, by output size:", "", "| output | seconds | runs | s per megapixel |",
-                  "|---|---|---|---|"]
-        for side, row in sorted(report["scaling"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {side} px | {row['median_s']:.2f} | {row['runs']} | "
-                         f"{row['median_s'] / (int(side) ** 2 / 1e6):.2f} |")
+              f"{PAPER_GPU_SECONDS} s for 128->512 on its GPU."]
+    if "1step" in cases:
+        lines += ["", "Share of time, 128->512, one step (median run):", "",
+                  "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
+        for pipeline in ("ours", "reference"):
+            share = stage_shares(cases["1step"][pipeline])
+            lines.append(f"| {pipeline} | " + " | ".join(f"{100 * share[k]:.0f}%"
+                                                      for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
+    sizes = [(CASES[k][1] * 4, cases[k]["ours"]) for k in ("256", "1step", "tiled", "2048") if k in cases]
+    if sizes:
+        lines += ["", "Ours, one step, by output size:", "", "| output | seconds | runs | s per megapixel | peak "
+                  "memory (MiB) |", "|---|---|---|---|---|"]
+        lines += [f"| {side} px | {r['median_s']:.2f} | {len(r['times_s'])} | {r['median_s'] / (side ** 2 / 1e6):.2f} "
+                  f"| {r[mem]:.0f} |" for side, r in sizes]
     return "\n".join(lines) + "\n"
 
 
@@ -390,32 +408,23 @@ def main(argv=None):
         return worker(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
-    started = time.time()
+    unknown = [c for c in cfg.cases if c not in CASES]
+    if unknown:
+        sys.exit(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     prepare(cfg.work_dir)
-    report = {"device": cfg.device, "dtype": cfg.dtype, "note": cfg.note, "machine": machine(), "cases": {},
-              "paper_gpu_128_512_s": PAPER_GPU_SECONDS}
-    for case, (side, steps) in CASES.items():
-        runs = (cfg.runs_tiled or cfg.runs) if side * 4 // 8 > 96 else cfg.runs
-        row = measure(cfg, case, ("ours", "reference"), runs)
-        row["ratio"] = row["reference"]["median_s"] / row["ours"]["median_s"]
-        row["max_abs_diff"], row["psnr_between_db"] = output_difference(row["ours"]["output"],
-                                                                        row["reference"]["output"])
-        report["cases"][case] = row
-    first = report["cases"]["128->512, 1 step"]
-    report["stages_128_512"] = {p: stage_shares(first[p]) for p in ("ours", "reference")}
-    if cfg.scaling:
-        scaling = {"512": first["ours"], "1024": report["cases"]["256->1024, 1 step, tiled"]["ours"]}
-        scaling["256"] = measure(cfg, "64->256, 1 step", ("ours",), cfg.runs)["ours"]
-        scaling["2048"] = measure(cfg, "512->2048, 1 step, tiled", ("ours",), 1)["ours"]
-        report["scaling"] = {side: {"median_s": r["median_s"], "runs": len(r["times_s"]),
-                                    "peak_rss_mib": r["peak_rss_mib"]} for side, r in scaling.items()}
-    report["wall_s"], report["machine"]["load_average_end"] = time.time() - started, os.getloadavg()
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.join(cfg.out_dir, f"speed_{cfg.device}_{cfg.dtype}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    report = {"device": cfg.device, "dtype": cfg.dtype, "note": cfg.note, "machine": machine(), "cases": {}}
+    if os.path.exists(stem + ".json") and not cfg.fresh:  # cases run earlier stay, unless run again
+        with open(stem + ".json") as f:
+            report["cases"] = json.load(f)["cases"]
+    for case in [c for c in CASES if c in cfg.cases]:
+        runs = {"2048": 1, "tiled": cfg.runs_tiled or cfg.runs}.get(case, cfg.runs)
+        report["cases"][case] = measure(cfg, case, runs)
+        with open(stem + ".json", "w") as f:  # after every case, so an interrupted run keeps what it measured
+            json.dump(report, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
 
