@@ -18,7 +18,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import signal
@@ -43,7 +42,8 @@ from degradations import degrade_realesrgan
 from flow import RectifiedSRFlow, sample
 from flowsr import FLOWSR_PROMPT, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from schedulers import sample_adjacent_pairs, sample_times
-from weights import WeightsError, write_atomic
+from trainstate import model_signature, resume, save_state, trim_log
+from weights import WeightsError
 
 PRESETS = {  # what a 0 / "" in the config means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=2000, stage2_steps=150,
@@ -210,62 +210,6 @@ def export(cfg, model, path, stage, step):
         model.save_lora(path, cfg.lora_rank, cfg.vae_lora_rank, extra)
 
 
-def flat(value, prefix):
-    """{"unet": {"in_channels": 4}} -> {"PREFIX.unet.in_channels": 4}, so that differences can be named."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
-
-
-def model_signature(cfg, model):
-    """What must agree between a checkpoint and the run resuming it, as a flat {name: value}."""
-    signature = {"preset": cfg.preset, **flat(model.config_dict(), "model")}
-    if cfg.preset == "sd21":
-        signature.update(lora_rank=cfg.lora_rank, vae_lora_rank=cfg.vae_lora_rank)
-    return json.loads(json.dumps(signature))  # tuples become lists, as they come back from the file
-
-
-# ---- training state: written atomically, the state file last ------------------------------------------
-
-def save_state(path, state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # to memory first: a full disk then fails in write() with a plain OSError
-    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_state(path):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        json.loads(state["signature"])
-        return state
-    except Exception as e:  # torch.load raises many types on a damaged file
-        sys.exit(f"error: {path}: not a readable training state ({str(e).strip().splitlines()[0][:200]}); "
-                 "move it away to start this stage over")
-
-
-def check_resumable(path, saved, current):
-    """Refuse a checkpoint of another model, naming the differences."""
-    saved = {k: v for key, item in saved.items() for k, v in flat(item, key).items()}  # older files nest them
-    diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} here" for k, v in current.items() if saved.get(k) != v]
-    if diffs:
-        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        sys.exit(f"error: {path} does not fit this run: " + "; ".join(diffs[:3]) + more)
-
-
-def trim_log(path, stage, step):
-    """Keep the log lines up to (stage, step): the steps after it are about to be (re)done."""
-    def keep(line):
-        try:
-            record = json.loads(line)
-            return (record["stage"], record["step"]) <= (stage, step)
-        except (ValueError, KeyError, TypeError):
-            return False  # a line torn by a kill
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = "".join(filter(keep, f)).encode()
-        write_atomic(path, lambda out: out.write(kept))
-
-
 # ---- data ---------------------------------------------------------------------------------------------
 
 def ignore_signals(worker_id):
@@ -423,26 +367,6 @@ def new_window():
     return {"sums": {}, "count": 0, "by_t": torch.zeros(2, 4)}
 
 
-def resume(cfg, stage, s, state_path, signature, say):
-    """Load --resume's state into the stage's parts (refusing another model's); returns (step, log window)."""
-    state = load_state(state_path)
-    check_resumable(state_path, json.loads(state["signature"]), signature)
-    if set(state["model"]) != {n for n, p in s.model.named_parameters() if p.requires_grad}:
-        sys.exit(f"error: {state_path}: its trainable weights do not match this run's model")
-    old = json.loads(state["config"])
-    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in old and old[k] != v and k != "resume"]
-    if changed:
-        say("note: resuming with changed settings: " + ", ".join(changed))
-    s.model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
-    s.optimizer.load_state_dict(state["optimizer"])
-    for name in ("target", "discriminator", "d_optimizer"):
-        if name in state and getattr(s, name) is not None:  # a discriminator's optimizer only while --gan-weight > 0
-            getattr(s, name).load_state_dict(state[name])
-    say(f"resumed stage {stage} at step {state['step']} from {state_path}")
-    return state["step"], state.get("window", new_window())
-
-
 def train_stage(cfg, stage, dataset, val, rank, world, device, interrupted):
     """Build (or resume) one stage, train it to its last step with checkpoints, logs and grids; return its model."""
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
@@ -459,6 +383,7 @@ def train_stage(cfg, stage, dataset, val, rank, world, device, interrupted):
     step, window, saved_step = 0, new_window(), None
     if cfg.resume and os.path.exists(state_path):
         step, window = resume(cfg, stage, s, state_path, signature, say)
+        window = window or new_window()
         saved_step = step
 
     def checkpoint():
