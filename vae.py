@@ -11,6 +11,7 @@
 Both accept `tile_size` / `tile_overlap`: large inputs are then processed in overlapping tiles
 blended with linear ramps (as diffusers' tiled_encode / tiled_decode), so memory stays bounded.
 """
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -282,7 +283,7 @@ class AutoencoderKL(nn.Module):
 
 
 def blend_tiles(fn, x, tile_size, overlap, scale):
-    """fn(x) computed on overlapping square tiles of x, blended with linear ramps over the overlaps.
+    """fn(x) computed on overlapping tiles of at most tile_size, blended with linear ramps over the overlaps.
 
     `scale` is fn's output size over its input size. An input that fits one tile gives fn(x) exactly.
     """
@@ -291,11 +292,12 @@ def blend_tiles(fn, x, tile_size, overlap, scale):
     H, W = x.shape[-2:]
     if H <= tile_size and W <= tile_size:
         return fn(x)
+    align = round(1 / scale) if scale < 1 else 1  # tiles of an encoder must start on its output grid
     out = weight = None
     ramp_overlap = round(overlap * scale)
-    for top in _tile_starts(H, tile_size, overlap):
-        for left in _tile_starts(W, tile_size, overlap):
-            y = fn(x[:, :, top:top + tile_size, left:left + tile_size])  # (B, C', tile*scale, tile*scale)
+    for top, height in tile_spans(H, tile_size, overlap, align):
+        for left, width in tile_spans(W, tile_size, overlap, align):
+            y = fn(x[:, :, top:top + height, left:left + width])  # (B, C', height*scale, width*scale)
             if out is None:
                 out = y.new_zeros(y.shape[0], y.shape[1], round(H * scale), round(W * scale))
                 weight = y.new_zeros(1, 1, *out.shape[-2:])
@@ -306,11 +308,19 @@ def blend_tiles(fn, x, tile_size, overlap, scale):
     return out / weight
 
 
-def _tile_starts(length, tile_size, overlap):
+def tile_spans(length, tile_size, overlap, align=1):
+    """[(start, size)]: the fewest equal tiles of at most tile_size that overlap by about `overlap`.
+
+    Equal tiles just big enough to cover `length` do less work than full-size tiles with the last one
+    pushed back flush with the end (1024 px in tiles of 768: 2 x 608 px instead of 2 x 768 px).
+    Sizes and starts are multiples of `align`, which must divide length and tile_size.
+    """
     if length <= tile_size:
-        return [0]
-    starts = list(range(0, length - tile_size, tile_size - overlap))
-    return starts + [length - tile_size]  # the last tile ends flush with the input
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile_size - overlap))
+    size = min(tile_size, math.ceil((length + (count - 1) * overlap) / count / align) * align)
+    starts = [(i * (length - size) // (count - 1)) // align * align for i in range(count)]
+    return [(start, size) for start in starts]
 
 
 def _ramp(n, overlap, like):

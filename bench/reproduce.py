@@ -13,7 +13,8 @@ trains on (train.py's validation grids are pointed at photos/train), each photo 
 Rows: bicubic up-sampling (NFE 0); stage 1 with N Euler steps on the shifted grid (the method's sampler,
 sample.py --steps N) and, to read the curve, on the uniform grid; the one-step stage-2 models. Inference
 is sample.super_resolve in this process (timed: inference only), with the whole latent in one tile:
-tiles only bound memory, which these models do not need. LPIPS stays empty unless its weights are given
+tiles only bound memory, which these models do not need. A "detail" column (evaluate.detail_ratio) places
+each row on the perception-distortion trade-off. LPIPS stays empty unless its weights are given
 (--lpips-vgg, --lpips-heads): there are none here and a metric is never faked.
 Writes bench/results/reproduce{,_smoke}.{json,md} and crops{,_smoke}.png.
 """
@@ -36,7 +37,7 @@ import sample  # noqa: E402
 from configs import describe, flag, parse  # noqa: E402
 from data import list_images, load_image, save_image  # noqa: E402
 from degradations import degrade_bicubic, degrade_realesrgan  # noqa: E402
-from evaluate import psnr_y, ssim_y  # noqa: E402
+from evaluate import detail_ratio, psnr_y, ssim_y  # noqa: E402
 from flowsr import FlowSR  # noqa: E402
 from losses import try_load_lpips  # noqa: E402
 from schedulers import uniform_grid  # noqa: E402
@@ -177,10 +178,10 @@ def score(rows, images, lpips):
                 sr = (sr.clamp(0, 1) * 255).round() / 255  # scored as the 8-bit file would be
                 outputs[key, name, degradation] = sr[0]
                 per_image.append({"image": name, "degradation": degradation, "psnr_y": psnr_y(sr, hr[None]).item(),
-                                  "ssim_y": ssim_y(sr, hr[None]).item(),
+                                  "ssim_y": ssim_y(sr, hr[None]).item(), "detail": detail_ratio(sr, hr[None]).item(),
                                   "lpips": lpips(sr * 2 - 1, hr[None] * 2 - 1).item() if lpips is not None else None})
         mean = {d: {m: (sum(r[m] for r in per_image if r["degradation"] == d) / len(images)
-                        if lpips is not None or m != "lpips" else None) for m in ("psnr_y", "ssim_y", "lpips")}
+                        if lpips is not None or m != "lpips" else None) for m in ("psnr_y", "ssim_y", "detail", "lpips")}
                 for d in DEGRADATIONS}
         results[key] = {"label": label, "nfe": nfe, "mean": mean, "images": per_image,
                         "seconds_per_image": sum(seconds) / len(seconds)}
@@ -212,14 +213,16 @@ def markdown(report):
              f" min (training {sum(report['train_s'].values()) / 60:.1f} min). Budgets: stage 1 {report['config']['stage1_steps']}"
              f" steps, every stage-2 row {report['config']['stage2_steps']} steps (batch 8, 64-px crops, seed "
              f"{report['config']['seed']}). Held-out: {', '.join(report['heldout'])}.", "",
-             "| method | NFE | PSNR-Y Real-ESRGAN | SSIM-Y Real-ESRGAN | PSNR-Y bicubic | SSIM-Y bicubic | LPIPS | "
-             "s / image |", "|---|---|---|---|---|---|---|---|"]
+             "| method | NFE | PSNR-Y Real-ESRGAN | SSIM-Y Real-ESRGAN | PSNR-Y bicubic | SSIM-Y bicubic | "
+             "detail Real-ESRGAN / bicubic | LPIPS | s / image |", "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"].values():
         r, b = row["mean"]["realesrgan"], row["mean"]["bicubic"]
         lp = " / ".join(f"{x['lpips']:.3f}" for x in (r, b)) if r["lpips"] is not None else ""
         lines.append(f"| {row['label']} | {row['nfe']} | {r['psnr_y']:.2f} | {r['ssim_y']:.4f} | {b['psnr_y']:.2f} | {b['ssim_y']:.4f}"
-                     f" | {lp} | {row['seconds_per_image']:.2f} |")
-    lines += ["", "LPIPS: " + report["lpips_note"], "Shifted grid: diffusers' FlowMatchEuler with shift 3 (2 steps "
+                     f" | {r['detail']:.3f} / {b['detail']:.3f} | {lp} | {row['seconds_per_image']:.2f} |")
+    lines += ["", "Detail: energy of Y minus its Gaussian blur, relative to the HR photo's (evaluate.detail_ratio): "
+              "1 = as much fine detail as the photo, lower = smoother. LPIPS: " + report["lpips_note"],
+              "Shifted grid: diffusers' FlowMatchEuler with shift 3 (2 steps "
               "= timesteps 1000, 8.9); uniform grid: t = 1, 1 - 1/N, ..., 0."]
     return "\n".join(lines) + "\n"
 

@@ -183,6 +183,22 @@ def test_blend_tiles_is_exact_for_local_functions():
     assert_close(vae.blend_tiles(unshuffle, x, tile_size=48, overlap=16, scale=0.5), unshuffle(x))
 
 
+@pytest.mark.parametrize("length,tile,overlap,align", [(1024, 768, 192, 8), (1024, 512, 128, 8), (128, 96, 24, 1),
+                                                     (200, 64, 16, 1), (2048, 768, 192, 8), (64, 64, 16, 1)])
+def test_tile_spans_cover_with_the_fewest_equal_tiles(length, tile, overlap, align):
+    spans = vae.tile_spans(length, tile, overlap, align)
+    sizes = {size for _, size in spans}
+    assert len(sizes) == 1 and max(sizes) <= tile
+    assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == length
+    assert all(start % align == 0 and size % align == 0 for start, size in spans)
+    for (a, size), (b, _) in zip(spans, spans[1:]):
+        assert a < b and a + size - b >= overlap - align  # consecutive tiles overlap (by ~overlap)
+    fewer = len(spans) - 1  # one tile less cannot cover the length with the required overlap
+    assert fewer == 0 or fewer * tile - (fewer - 1) * overlap < length
+    smaller = max(sizes) - align  # and tiles one step smaller would not cover it either: no wasted work
+    assert len(spans) == 1 or len(spans) * smaller - (len(spans) - 1) * overlap < length
+
+
 def test_tiled_close_to_untiled_on_smooth_input(tiny):
     ours = vae.AutoencoderKL.from_pretrained(tiny[1])
     ys, xs = torch.meshgrid(torch.arange(80.0), torch.arange(72.0), indexing="ij")
