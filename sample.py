@@ -60,7 +60,8 @@ class SampleConfig:
                          choices=("model", "bilinear", "bicubic"))
     tile_size: int = flag(96, "latent tile size of the velocity network (0: no tiles)")
     tile_overlap: int = flag(32, "latent tile overlap")
-    vae_tile_size: int = flag(768, "pixel tile size of the VAE encoder (decoder: this / 8 latent pixels; 0: no tiles)")
+    vae_tile_size: int = flag(768, "largest VAE tile in image pixels; larger images run in equal overlapping tiles "
+                                   "(0: no tiles)")
     posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does",
                           choices=("mean", "sample"))
     seed: int = flag(0, "seed of --posterior sample (each image starts from it)")
@@ -149,7 +150,9 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
     m = model.pad_multiple
     pad_h, pad_w = -H % m, -W % m
     mode = "reflect" if pad_h < H and pad_w < W else "replicate"  # reflect cannot pad more than the size
-    x = F.pad(up, (0, pad_w, 0, pad_h), mode=mode).to(device, dtype)
+    # channels-last input: every convolution then runs on NHWC activations (~10 % faster VAE on a CPU, the
+    # layout tensor cores want on a GPU), with no copy of the weights; outputs differ only by float rounding
+    x = F.pad(up, (0, pad_w, 0, pad_h), mode=mode).to(device, dtype, memory_format=torch.channels_last)
     ae_tile = cfg.vae_tile_size or None
     if cfg.posterior == "sample" and hasattr(model.ae, "posterior"):
         mean, logvar = model.ae.posterior(x, tile_size=ae_tile)
@@ -272,9 +275,7 @@ def load_model(cfg, device):
         raise WeightsError(f"{BUNDLED_MODEL}: the bundled model is missing; give a model with --checkpoint")
     model = FlowSR.load(cfg.checkpoint, base=cfg.base or None, prompt=cfg.prompt or None,
                         dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
-    # channels-last weights make every convolution run in NHWC: ~7 % faster VAE on this CPU, and the
-    # layout tensor cores want on a GPU; the outputs differ from NCHW only by float rounding
-    return model.to(device, memory_format=torch.channels_last).eval()
+    return model.to(device).eval()
 
 
 def one_line(error, path):
