@@ -9,16 +9,18 @@ tracemalloc would not see it. A 16 x 16 input through the same model gives the b
 the model), so the difference is what the 2048 x 2048 image costs. Without the bundled model (not trained
 yet) a tiny model with random weights stands in: memory does not depend on the weights' values.
 """
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import describe, flag, parse  # noqa: E402
 PHOTO = os.path.join(ROOT, "photos", "train", "astronaut.png")  # 512 x 512
 
 CHILD = """
@@ -41,26 +43,31 @@ def peak_rss_mb(argv):
     return kb / 1024, time.time() - start  # ru_maxrss is in KiB on Linux
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=os.path.join(ROOT, "models", "flowsr-tiny.safetensors"))
-    parser.add_argument("--untiled", action="store_true", help="also measure without tiles (slow, large)")
-    args = parser.parse_args()
+@dataclass
+class MemoryConfig:
+    """Peak memory of one 512 x 512 -> 2048 x 2048 sample.py run on the CPU."""
+    checkpoint: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"),
+                           "model to run (sample.py --checkpoint)")
+    untiled: bool = flag(False, "also measure without tiles (slow, large)")
+
+
+def main(argv=None):
+    cfg = parse(MemoryConfig, argv)
+    print("config:\n" + describe(cfg))
     with tempfile.TemporaryDirectory() as work:
-        checkpoint = args.checkpoint
+        checkpoint = cfg.checkpoint
         if not os.path.isfile(checkpoint):
-            sys.path.insert(0, ROOT)
             from flowsr import FlowSR
             checkpoint = os.path.join(work, "random-tiny.safetensors")
             FlowSR.tiny().save(checkpoint)
-            print(f"{args.checkpoint} not found: a tiny model with random weights stands in")
+            print(f"{cfg.checkpoint} not found: a tiny model with random weights stands in")
         big, small = os.path.join(work, "in512.png"), os.path.join(work, "in16.png")
         Image.open(PHOTO).convert("RGB").save(big)
         Image.open(PHOTO).convert("RGB").resize((16, 16)).save(small)
         model = ["--checkpoint", checkpoint, "--device", "cpu", "--overwrite"]
         runs = [("baseline, 16 x 16 -> 64 x 64", [small, *model]),
                 ("512 x 512 -> 2048 x 2048, default tiles", [big, *model])]
-        if args.untiled:
+        if cfg.untiled:
             untiled = ["--tile-size", "0", "--vae-tile-size", "0"]
             runs.append(("512 x 512 -> 2048 x 2048, untiled", [big, *model, *untiled]))
         print(f"checkpoint: {checkpoint}")
