@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import single_file
-from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
+from plumbing import single_file
+from plumbing.weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # of the RGB channels in [0, 1], CLIP's training set
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

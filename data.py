@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from degradations import degrade_bicubic, degrade_realesrgan
-from weights import write_atomic
+from plumbing.weights import write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so this check is the one that speaks

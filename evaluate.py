@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from configs import describe, flag, parse
-from dists import try_load_dists
+from plumbing.flags import describe, flag, parse
+from plumbing.dists import try_load_dists
 
 SR_SUFFIX = "_x4"
 METRICS = ("psnr_y", "ssim_y", "lpips", "dists")

@@ -27,7 +27,7 @@ import clip
 import lora
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, PixelAutoencoder, vae_from_config
-from weights import WeightsError, load_strict, read_metadata, read_state_dict, save_atomic
+from plumbing.weights import WeightsError, load_strict, read_metadata, read_state_dict, save_atomic
 
 FLOWSR_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, "
                  "and natural lighting.")

@@ -32,7 +32,7 @@ import re
 import torch
 import torch.nn as nn
 
-from weights import WeightsError, read_metadata, read_state_dict, save_atomic
+from plumbing.weights import WeightsError, read_metadata, read_state_dict, save_atomic
 
 DEFAULT_ALPHA = 8
 METADATA_KEY = "flowsr_checkpoint_metadata"

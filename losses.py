@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 import clip
-from weights import load_strict, read_state_dict
+from plumbing.weights import load_strict, read_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # LPIPS

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configs import describe, flag, parse
+from plumbing.flags import describe, flag, parse
 from data import IMAGE_EXTENSIONS, SAVE_FORMATS, ImageError, list_images, load_image, save_image
 from flowsr import FlowSR
 from schedulers import flow_match_sigmas
-from weights import WeightsError
+from plumbing.weights import WeightsError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "models", "flowsr-tiny.safetensors")

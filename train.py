@@ -35,15 +35,15 @@ from tqdm import tqdm
 
 import lora
 import losses
-from configs import describe, flag, parse
+from plumbing.flags import describe, flag, parse
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import HRFolderDataset, ImageError, from_model, list_images, load_image, save_image, to_model
 from degradations import degrade_realesrgan
 from flow import RectifiedSRFlow, sample
 from flowsr import FLOWSR_PROMPT, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from schedulers import sample_adjacent_pairs, sample_times
-from trainstate import model_signature, resume, save_state, trim_log
-from weights import WeightsError
+from plumbing.trainstate import model_signature, resume, save_state, trim_log
+from plumbing.weights import WeightsError
 
 PRESETS = {  # what a 0 / "" in the config means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=2000, stage2_steps=150,

@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import single_file
-from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
+from plumbing import single_file
+from plumbing.weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"

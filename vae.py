@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import single_file
-from weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
+from plumbing import single_file
+from plumbing.weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 EPS = 1e-6  # GroupNorm epsilon of every norm in the SD VAE
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import describe, flag, parse  # noqa: E402
+from plumbing.flags import describe, flag, parse  # noqa: E402
 PHOTO = os.path.join(ROOT, "photos", "train", "astronaut.png")  # 512 x 512
 
 CHILD = """

@@ -34,7 +34,7 @@ from torchvision.utils import make_grid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
-from configs import describe, flag, parse  # noqa: E402
+from plumbing.flags import describe, flag, parse  # noqa: E402
 from data import list_images, load_image, save_image  # noqa: E402
 from degradations import degrade_bicubic, degrade_realesrgan  # noqa: E402
 from evaluate import detail_ratio, psnr_y, ssim_y  # noqa: E402

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import flag, parse  # noqa: E402
+from plumbing.flags import flag, parse  # noqa: E402
 from data import load_image  # noqa: E402
 from flowsr import FLOWSR_PROMPT_IDS, SD2_PAD_ID, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets  # noqa: E402
 from sample import DTYPES, SampleConfig, super_resolve  # noqa: E402

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import clip
-import single_file
-import weights
-from weights import WeightsError
+from plumbing import single_file
+from plumbing import weights
+from plumbing.weights import WeightsError
 
 PROMPTS = [
     "A high-resolution, 8K, ultra-realistic image with sharp focus, vibrant colors, and natural lighting.",

@@ -13,9 +13,9 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torchvision.models.vgg import cfgs, make_layers
 
-from dists import load_dists, try_load_dists
+from plumbing.dists import load_dists, try_load_dists
 from evaluate import detail_ratio, evaluate_folders, main, psnr_y, rgb_to_y, ssim_y
-from weights import WeightsError
+from plumbing.weights import WeightsError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = os.path.join(ROOT, "photos")

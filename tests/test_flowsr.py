@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import clip
 import lora
 from flowsr import FLOWSR_PROMPT, FLOWSR_PROMPT_IDS, UNET_LORA_TARGETS, FlowSR, context_cache_key, vae_encoder_targets
-from weights import WeightsError
+from plumbing.weights import WeightsError
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 TEXT_WIDTH = 64  # the tiny "SD 2.x" text encoder; its SD 1.x-like sibling is SD1_TEXT_WIDTH wide
@@ -270,7 +270,7 @@ def test_full_checkpoint_round_trip_and_dtype(tmp_path):
 
 def rewrite(path, out, edit_tensors=None, edit_config=None):
     from safetensors.torch import load_file
-    from weights import read_metadata
+    from plumbing.weights import read_metadata
     tensors, meta = load_file(path), read_metadata(path)
     config = json.loads(meta["flowsr_model"])
     tensors = edit_tensors(tensors) if edit_tensors else tensors

@@ -24,7 +24,7 @@ from conftest import PHOTOS, ROOT
 from flowsr import FlowSR
 from unet import UNet, UNetConfig
 from vae import PixelAutoencoder
-from weights import WeightsError
+from plumbing.weights import WeightsError
 
 LIMIT_GB = 3  # extra address space the image fuzz loop may take: a decompression bomb would hit it and fail loudly
 
@@ -225,7 +225,7 @@ def another_models_keys(tmp_path):
     """A valid file with the right metadata but the tensors of another model (a different UNet)."""
     small_checkpoint(str(tmp_path / "small.safetensors"))
     from safetensors.torch import save_file
-    from weights import read_metadata
+    from plumbing.weights import read_metadata
     unet = UNet(UNetConfig(in_channels=48, out_channels=48, block_out_channels=(32, 64), layers_per_block=1,
                            cross_attention_dim=8, attention_head_dim=2, norm_num_groups=8,
                            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")))

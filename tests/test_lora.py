@@ -10,7 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 import lora
-from weights import WeightsError, save_atomic
+from plumbing.weights import WeightsError, save_atomic
 
 UNET_TARGETS = ["conv1", "conv2", "conv_in", "to_q", "to_k", "to_v", "to_out.0"]
 # An encoder-only regex, the way published SR checkpoints (S3Diff, OSEDiff) target the VAE encoder.

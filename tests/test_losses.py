@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import clip
 import losses
-from weights import WeightsError
+from plumbing.weights import WeightsError
 
 
 @pytest.fixture(autouse=True)

@@ -21,12 +21,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from configs import parse
+from plumbing.flags import parse
 from evaluate import detail_ratio, psnr_y
 from conftest import PHOTOS, ROOT
 from flowsr import FLOWSR_PROMPT, FlowSR
 from test_flowsr import SD1_TEXT_WIDTH, build_sd_folder, noisy_, published_case
-from weights import read_metadata
+from plumbing.weights import read_metadata
 
 BUNDLED = sample.BUNDLED_MODEL
 

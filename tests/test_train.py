@@ -20,7 +20,7 @@ from data import HRFolderDataset, load_image, to_model
 from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
 from flowsr import UNET_LORA_TARGETS, FlowSR
-from weights import read_metadata
+from plumbing.weights import read_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

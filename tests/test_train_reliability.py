@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-import weights
+from plumbing import weights
 from consistency import ConsistencyFlowDistillation
 from flow import RectifiedSRFlow
 

@@ -10,10 +10,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
-import single_file
+from plumbing import single_file
 import unet
-import weights
-from weights import WeightsError
+from plumbing import weights
+from plumbing.weights import WeightsError
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 # Tiny configs (diffusers keyword arguments). The two loaded from LDM files follow the SD families,

@@ -10,10 +10,10 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import load_file, save_file
 
-import single_file
+from plumbing import single_file
 import vae
-import weights
-from weights import WeightsError
+from plumbing import weights
+from plumbing.weights import WeightsError
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 

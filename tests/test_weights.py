@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import weights
-from weights import WeightsError
+from plumbing import weights
+from plumbing.weights import WeightsError
 
 # A miniature original SD file: three networks told apart by prefix (SPEC section 8).
 TENSORS = {"model.diffusion_model.conv_in.weight": torch.randn(4, 2),

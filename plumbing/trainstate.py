@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from weights import write_atomic
+from plumbing.weights import write_atomic
 
 
 def flat(value, prefix):

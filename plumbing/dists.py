@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import vgg16_feature_weights
-from weights import load_strict, read_state_dict
+from plumbing.weights import load_strict, read_state_dict
 
 VGG16_LAYERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512)
 STAGE_CHANNELS = (3, 64, 128, 256, 512, 512)  # the image itself, then the five VGG stages

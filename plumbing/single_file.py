@@ -20,7 +20,7 @@ clip.py are written against. Three things differ, and this file undoes them:
 """
 import re
 
-from weights import WeightsError, read_state_dict
+from plumbing.weights import WeightsError, read_state_dict
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 OPENCLIP_PREFIX, SD1_TEXT_PREFIX = "cond_stage_model.model.", "cond_stage_model.transformer.text_model."

@@ -1,0 +1,8 @@
+"""Plumbing: what the method files stand on but a reader of the method can skip.
+
+    weights.py      strict reading and atomic writing of weight files (safetensors, weights-only pickles)
+    single_file.py  original single-file SD checkpoints (LDM key names) -> our module names
+    flags.py        a dataclass config as the command line: every field a --flag, unknown flags are errors
+    trainstate.py   the resumable training state train.py writes and --resume reads
+    dists.py        the DISTS metric of evaluate.py (a VGG-16 backbone with learned weights)
+"""
