@@ -1,5 +1,9 @@
 """Consistency SR flow distillation with HR regularization: stage 2 of FlowSR (SPEC sections 3, 5).
 
+Consistency models: Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models" (ICML). The pseudo-Huber
+distance: Song & Dhariwal 2024, "Improved Techniques for Training Consistency Models" (ICLR). FlowSR:
+Xu et al. 2025, "Fast Image Super-Resolution via Consistency Rectified Flow" (ICCV).
+
 The student f_theta(z_t, t) = z_t - t v_theta(z_t, t) starts from the stage-1 weights; the
 teacher v_phi is the frozen stage-1 model; the target theta- is an EMA of the student. For an
 adjacent pair t_n > t_{n-1} (schedulers.sample_adjacent_pairs):
@@ -33,7 +37,8 @@ def update_ema(target, online, decay):
 
 
 def pseudo_huber(a, b, c=0.001):
-    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c, averaged over the elements of each example: (B,).
+    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c (Song & Dhariwal 2024), averaged over the
+    elements of each example: (B,).
 
     Computed as the equal x^2 / (sqrt(x^2 + c^2) + c), which has no cancellation when |x| << c
     (the regime near convergence) and is exactly 0 at a = b.

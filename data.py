@@ -1,15 +1,17 @@
-"""Images in and out, and the training / evaluation datasets (SPEC sections 1 and 6).
+"""Images in and out, and the training dataset (SPEC sections 1 and 6).
 
-Training pairs are made on the fly: a random HR crop (+ horizontal flip) of a photo, degraded
-to LR with Real-ESRGAN's second-order pipeline or plain bicubic (degradations.py). Images are
+Training pairs are made on the fly: a random HR crop of a photo (zoomed out, flipped, rotated, now
+and then blurred smooth), degraded to LR with Real-ESRGAN's second-order pipeline, plain bicubic,
+or a mix of those with bicubic + JPEG (degradations.py). Images are
 float tensors (3, H, W) in [0, 1] on disk and in [-1, 1] for the models.
 
 Reading is strict: any file that is not a whole, decodable image of sensible size gives one
-`ImageError` line naming the file. Every reproducible draw of item i at epoch e comes from a
-generator seeded from (seed, i, e), so DataLoader workers and restarts see the same pairs.
+`ImageError` line naming the file. Every random draw of item i comes from a generator seeded
+from (seed, i), so DataLoader workers and restarts see the same pairs.
 """
 import contextlib
 import hashlib
+import math
 import os
 import warnings
 
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from degradations import degrade_bicubic, degrade_realesrgan
-from plumbing.weights import write_atomic
+from degradations import degrade_bicubic, degrade_mixed, degrade_realesrgan
+from plumbing.weights import first_line, write_atomic
 
+DEGRADATIONS = {"realesrgan": degrade_realesrgan, "mixed": degrade_mixed,
+                "bicubic": lambda hr, scale, generator: degrade_bicubic(hr, scale)}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so this check is the one that speaks
 MIN_SIZE = 8
@@ -30,11 +34,6 @@ SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg":
 
 class ImageError(ValueError):
     """An image file that cannot be used; the message is one line naming the file."""
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -57,9 +56,9 @@ def _open_checked(path, max_pixels, min_size):
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: too large to decode safely ({_first_line(e)})") from None
+        raise ImageError(f"{path}: too large to decode safely ({first_line(e)})") from None
     except Exception as e:  # Pillow's decoders raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ImageError(f"{path}: not a readable image ({_first_line(e)})") from None
+        raise ImageError(f"{path}: not a readable image ({first_line(e)})") from None
 
 
 def _to_tensors(image):
@@ -137,38 +136,59 @@ def list_images(folder):
     return paths
 
 
-def _item_seed(seed, index, epoch):
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+def _item_seed(seed, index):
+    # the "0" stood for an epoch that nothing varied; kept, so that item i stays the pair it always was
+    digest = hashlib.blake2b(f"{seed}/0/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit seed
 
 
-def random_crop_flip(image, size, generator):
-    """A size x size crop at a random place, flipped left-right half the time; small images are upscaled."""
+def gaussian_blur(image, sigma):
+    """(3, H, W) blurred by an isotropic Gaussian of std `sigma` pixels (reflect-padded)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    padded = F.pad(image[:, None], (radius,) * 4, mode="reflect")  # (3, 1, H + 2r, W + 2r)
+    return F.conv2d(F.conv2d(padded, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))[:, 0]
+
+
+def random_crop_augment(image, size, generator, zoom_out=2.0, flat_prob=0.0):
+    """A size x size HR crop: random place, a random zoom-out in [1, zoom_out] (the photo seen from farther
+    away), one of the 8 flips / rotations, and with probability flat_prob a heavy blur (sigma 2-6 px) that
+    makes it smooth, so that the model also sees smooth HR content, which it must leave smooth."""
     _, h, w = image.shape
-    if min(h, w) < size:
+    zoom = 1 + (zoom_out - 1) * torch.rand((), generator=generator).item()
+    window = min(round(size * zoom), h, w)
+    if window < size:  # a photo smaller than the crop is upscaled to fit
         factor = size / min(h, w)
-        new_size = (max(size, round(h * factor)), max(size, round(w * factor)))
-        image = F.interpolate(image[None], size=new_size, mode="bicubic")[0].clamp(0, 1)  # (3, >=S, >=S)
-        _, h, w = image.shape
-    top = torch.randint(0, h - size + 1, (), generator=generator).item()
-    left = torch.randint(0, w - size + 1, (), generator=generator).item()
-    crop = image[:, top:top + size, left:left + size]  # (3, S, S)
+        image = F.interpolate(image[None], size=(max(size, round(h * factor)), max(size, round(w * factor))),
+                              mode="bicubic")[0].clamp(0, 1)
+        (_, h, w), window = image.shape, size
+    top = torch.randint(0, h - window + 1, (), generator=generator).item()
+    left = torch.randint(0, w - window + 1, (), generator=generator).item()
+    crop = image[:, top:top + window, left:left + window]  # (3, window, window)
+    if window != size:
+        crop = F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0].clamp(0, 1)
+    crop = crop.rot90(torch.randint(0, 4, (), generator=generator).item(), dims=(1, 2))
     if torch.rand((), generator=generator).item() < 0.5:
         crop = crop.flip(-1)
-    return crop.contiguous()
+    if torch.rand((), generator=generator).item() < flat_prob:
+        crop = gaussian_blur(crop, 2 + 4 * torch.rand((), generator=generator).item())
+    return crop.contiguous()  # (3, S, S)
 
 
 class HRFolderDataset(torch.utils.data.Dataset):
     """Random HR crops of the photos in a folder, each with its LR made on the fly.
 
-    Item i at epoch e always gives the same pair; `length` lets a small folder give many crops
-    per epoch (item i uses file i modulo the number of files). Call `set_epoch` before each
-    epoch (DataLoader workers see it when they are not persistent).
+    Item i always gives the same pair; `length` lets a small folder give many crops (item i uses
+    file i modulo the number of files).
     """
 
-    def __init__(self, folder, crop_size=256, scale=4, degradation="realesrgan", seed=0, length=None):
-        if degradation not in ("realesrgan", "bicubic"):
-            raise ValueError(f"unknown degradation {degradation!r} (expected 'realesrgan' or 'bicubic')")
+    def __init__(self, folder, crop_size=256, scale=4, degradation="realesrgan", seed=0, length=None,
+                 zoom_out=2.0, flat_prob=0.0, cached_images=64):
+        if degradation not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation {degradation!r} (expected one of {', '.join(DEGRADATIONS)})")
+        self.zoom_out, self.flat_prob = zoom_out, flat_prob
         if crop_size % scale:
             raise ValueError(f"crop_size {crop_size} is not divisible by scale {scale}")
         self.folder = os.fspath(folder)
@@ -187,11 +207,8 @@ class HRFolderDataset(torch.utils.data.Dataset):
         if not self.paths:
             raise ValueError(f"{self.folder}: none of its {len(candidates)} image files is readable")
         self.length = len(self.paths) if length is None else length
-        self.epoch = 0
         self.broken = set()
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+        self.decoded, self.cached_images = {}, cached_images  # {path: (3, H, W) uint8}, per process
 
     def __len__(self):
         return self.length
@@ -202,56 +219,27 @@ class HRFolderDataset(torch.utils.data.Dataset):
             path = self.paths[(index + offset) % len(self.paths)]
             if path in self.broken:
                 continue
+            if path in self.decoded:
+                return self.decoded[path].float() / 255
             try:
-                return load_image(path)[0]
+                image = load_image(path)[0]
             except ImageError as e:
                 warnings.warn(f"skipping {e}")
                 self.broken.add(path)
+                continue
+            # 8-bit in any case, so that an item is the same whether its photo came from the cache or not
+            pixels = (image * 255).round().to(torch.uint8)  # (3, H, W)
+            if len(self.decoded) < self.cached_images:  # decoding a photo costs more than cropping it
+                self.decoded[path] = pixels
+            return pixels.float() / 255
         raise ValueError(f"{self.folder}: no readable image left")
 
     def __getitem__(self, index):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, index, self.epoch))
-        hr = random_crop_flip(self._load_readable(index), self.crop_size, generator)  # (3, S, S)
-        if self.degradation == "realesrgan":
-            lr = degrade_realesrgan(hr, self.scale, generator)  # (3, S/4, S/4)
-        else:
-            lr = degrade_bicubic(hr, self.scale)
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
+        hr = random_crop_augment(self._load_readable(index), self.crop_size, generator, self.zoom_out,
+                                 self.flat_prob)  # (3, S, S)
+        lr = DEGRADATIONS[self.degradation](hr, self.scale, generator)  # (3, S/4, S/4)
         return {"hr": to_model(hr), "lr": to_model(lr)}
 
-
-def _images_by_stem(folder):
-    """{relative path without extension: path}; two files with one stem are an error."""
-    images = {}
-    for path in list_images(folder):
-        stem = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-        if stem in images:
-            raise ValueError(f"{folder}: two images named {stem!r} ({images[stem]}, {path})")
-        images[stem] = path
-    return images
-
-
-class PairedFolderDataset(torch.utils.data.Dataset):
-    """Fixed LR / HR pairs (benchmarks), matched by file name without extension."""
-
-    def __init__(self, lr_dir, hr_dir):
-        lr_images, hr_images = _images_by_stem(lr_dir), _images_by_stem(hr_dir)
-        only_lr, only_hr = sorted(set(lr_images) - set(hr_images)), sorted(set(hr_images) - set(lr_images))
-        if only_lr or only_hr:
-            listed = [f"{len(names)} only in {folder}: {', '.join(names[:5])}"
-                      for folder, names in ((lr_dir, only_lr), (hr_dir, only_hr)) if names]
-            raise ValueError(f"LR and HR images do not match: {'; '.join(listed)}")
-        if not lr_images:
-            raise ValueError(f"{lr_dir} and {hr_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        self.names = sorted(lr_images)
-        self.lr_paths, self.hr_paths = lr_images, hr_images
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, index):
-        name = self.names[index]
-        lr, _ = load_image(self.lr_paths[name])
-        hr, _ = load_image(self.hr_paths[name])
-        return {"lr": to_model(lr), "hr": to_model(hr), "name": name}

@@ -1,6 +1,7 @@
 """Real-world degradations: the second-order pipeline of Real-ESRGAN (SPEC section 6).
 
-Real-ESRGAN (Wang et al. 2021) makes LR training images by applying the classic degradation
+Real-ESRGAN (Wang, Xie, Dong & Shan 2021, "Real-ESRGAN: Training Real-World Blind Super-Resolution
+with Pure Synthetic Data", ICCVW) makes LR training images by applying the classic degradation
 model `y = JPEG(noise(resize(blur(x))))` twice, then a final resize to H/4 and a sinc filter
 that imitates ringing and overshoot. Every parameter below is its x4 setting. A bicubic x4
 degradation, the classic benchmark setting, is here too.
@@ -257,3 +258,21 @@ def degrade_bicubic(hr, scale=4):
     h, w = batch.shape[-2:]
     lr = F.interpolate(batch, size=(h // scale, w // scale), mode="bicubic", antialias=True)
     return _round_to_8bit(lr).reshape(*hr.shape[:-2], h // scale, w // scale)
+
+
+# The tiny preset's input mix: clean and mildly compressed inputs beside the Real-ESRGAN ones, so that a
+# model trained only on heavy degradations does not "restore" clean photos by painting texture on them.
+MIX_PROBS = {"bicubic": 0.3, "bicubic_jpeg": 0.3, "realesrgan": 0.4}
+MIX_JPEG_RANGE = (40, 95)
+
+
+def degrade_mixed(hr, scale=4, generator=None):
+    """hr (3, H, W) -> LR (3, H/s, W/s): bicubic, bicubic + JPEG, or Real-ESRGAN, drawn by MIX_PROBS."""
+    kind = _choice(tuple(MIX_PROBS), generator, tuple(MIX_PROBS.values()))
+    if kind == "realesrgan":
+        return degrade_realesrgan(hr, scale, generator)
+    lr = degrade_bicubic(hr, scale)
+    if kind == "bicubic_jpeg":
+        lr = jpeg(lr, torch.randint(MIX_JPEG_RANGE[0], MIX_JPEG_RANGE[1] + 1, (), generator=generator).item())
+    return lr
+

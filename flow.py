@@ -1,5 +1,9 @@
 """Rectified SR flow: stage 1 of FlowSR (SPEC section 2).
 
+Rectified flow: Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate and Transfer Data
+with Rectified Flow" (ICLR). FlowSR: Xu et al. 2025, "Fast Image Super-Resolution via Consistency
+Rectified Flow" (ICCV), which runs the flow between the HR and the LR latent instead of noise and data.
+
 A straight path joins the HR latent (t = 0) to the LR latent (t = 1):
 
     z_t = (1 - t) z_H + t z_L,        dz_t/dt = z_L - z_H

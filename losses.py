@@ -1,12 +1,14 @@
 """Stage-2 loss terms besides consistency distillation (SPEC section 5).
 
 - LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
-  Metric"), VGG variant: d(x, y) = sum_l mean_hw w_l . (f_l(x) / |f_l(x)| - f_l(y) / |f_l(y)|)^2
+  Metric", CVPR), VGG variant: d(x, y) = sum_l mean_hw w_l . (f_l(x) / |f_l(x)| - f_l(y) / |f_l(y)|)^2
   over the VGG-16 activations relu1_2 .. relu5_3, with learned non-negative channel weights w_l.
-- A GAN critic: Real-ESRGAN's U-Net discriminator with spectral norm (Wang et al. 2021), which
-  scores every pixel, and the hinge / non-saturating GAN losses.
-- CLIP-IQA (Wang et al. 2023): with antonym prompts, p = softmax(100 * [cos(e_img, e_pos),
-  cos(e_img, e_neg)])[0] and L_IQA = mean(-log p) pushes images toward "good, sharp, high resolution".
+- A GAN critic: the U-Net discriminator with spectral norm of Real-ESRGAN (Wang et al. 2021,
+  "Real-ESRGAN: Training Real-World Blind Super-Resolution with Pure Synthetic Data", ICCVW),
+  which scores every pixel, and the hinge / non-saturating GAN losses.
+- CLIP-IQA (Wang, Chan & Loy 2023, "Exploring CLIP for Assessing the Look and Feel of Images", AAAI):
+  with antonym prompts, p = softmax(100 * [cos(e_img, e_pos), cos(e_img, e_neg)])[0] and
+  L_IQA = mean(-log p) pushes images toward "good, sharp, high resolution".
 
 Every pretrained piece is loaded from local files; with no files at hand the `try_load_*` helpers
 switch the term off with one clear log line instead of ever using random weights.
@@ -20,33 +22,19 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 import clip
+from plumbing.vgg16 import VGG16_URL, vgg16_feature_weights, vgg16_features
 from plumbing.weights import load_strict, read_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # LPIPS
 
-# torchvision's vgg16().features up to relu5_3 (its final max-pool is never used by LPIPS).
-VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in .features
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 # The lpips package's ScalingLayer: maps [-1, 1] images to ImageNet-normalised inputs.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_HEADS_HINT = "weights/v0.1/vgg.pth of the lpips package (pip install lpips, or github.com/richzhang/PerceptualSimilarity)"
-
-
-def vgg16_features():
-    """The convolutional trunk of VGG-16 with torchvision's module indices (so keys are 'N.weight')."""
-    layers, channels = [], 3
-    for item in VGG16_LAYOUT:
-        if item == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU()]
-            channels = item
-    return nn.Sequential(*layers)
 
 
 def unit_normalize(features, eps=1e-10):
@@ -98,15 +86,6 @@ class LPIPS(nn.Module):
         load_strict(model.features, vgg16_feature_weights(read_state_dict(vgg16_path)), vgg16_path)
         load_strict(model.heads, lpips_head_weights(read_state_dict(heads_path)), heads_path)
         return model.freeze()
-
-
-def vgg16_feature_weights(state_dict):
-    """torchvision VGG-16 keys 'features.N.*' -> 'N.*' (for LPIPS here and DISTS in dists.py); the
-    classifier is dropped; a features-only dict passes as it is; any other key is kept so the strict
-    check reports it."""
-    if not any(k.startswith("features.") for k in state_dict):
-        return state_dict
-    return {k.removeprefix("features."): v for k, v in state_dict.items() if not k.startswith("classifier.")}
 
 
 def lpips_head_weights(state_dict):

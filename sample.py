@@ -18,19 +18,19 @@ exit code is 1 if any failed. Outputs are written atomically, never over an inpu
 existing file only with --overwrite. Folders skip earlier results (NAME_x4*.png).
 """
 import glob
-import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing.flags import describe, flag, parse
+import flowsr
 from data import IMAGE_EXTENSIONS, SAVE_FORMATS, ImageError, list_images, load_image, save_image
 from flowsr import FlowSR
-from schedulers import flow_match_sigmas
+from plumbing.flags import describe, flag, parse
 from plumbing.weights import WeightsError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,106 +66,20 @@ class SampleConfig:
                           choices=("mean", "sample"))
     seed: int = flag(0, "seed of --posterior sample (each image starts from it)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = flag("fp32", "compute precision", choices=tuple(DTYPES))
+    dtype: str = flag("auto", "compute precision (auto: bf16 where the hardware computes it natively, else fp32)",
+                      choices=("auto", *DTYPES))
     max_pixels: int = flag(1024 * 1024, "refuse inputs with more pixels than this (keeps a 24 GB machine safe)")
     compare: bool = flag(False, "also write NAME_x4_compare.png: upsampled input | result")
     overwrite: bool = flag(False, "replace existing output files (never an input)")
-    quiet: bool = flag(False, "no config print-out or progress bars", short="-q")
+    verbose: bool = flag(False, "print the configuration first, and progress bars of the tiles", short="-v")
+    quiet: bool = flag(False, "print errors only", short="-q")
 
 
-# ---- colour correction (StableSR's wavelet and AdaIN fixes) ---------------------------------------------
-
-def wavelet_blur(x, radius):
-    """3x3 binomial blur, dilated by `radius` (one level of an a-trous wavelet decomposition)."""
-    kernel = torch.tensor([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=x.dtype, device=x.device) / 16
-    kernel = kernel.expand(x.shape[1], 1, 3, 3)
-    return F.conv2d(F.pad(x, (radius,) * 4, mode="replicate"), kernel, groups=x.shape[1], dilation=radius)
-
-
-def wavelet_split(x, levels=5):
-    """(high frequencies, low frequencies) with x = high + low."""
-    low = x
-    for i in range(levels):
-        low = wavelet_blur(low, 2 ** i)
-    return x - low, low
-
-
-def color_fix(result, reference, mode):
-    """Keep the result's detail, take the colour (low frequencies or channel statistics) from the reference."""
-    if mode == "wavelet":
-        return (wavelet_split(result)[0] + wavelet_split(reference)[1]).clamp(0, 1)
-    if mode == "adain":
-        mean_r, std_r = result.mean((2, 3), keepdim=True), result.std((2, 3), keepdim=True) + 1e-5
-        mean_s, std_s = reference.mean((2, 3), keepdim=True), reference.std((2, 3), keepdim=True) + 1e-5
-        return ((result - mean_r) / std_r * std_s + mean_s).clamp(0, 1)
-    return result
-
-
-# ---- tiled velocity --------------------------------------------------------------------------------------
-
-def tile_starts(length, tile, overlap):
-    """Tile offsets covering [0, length); the last tile sits flush with the end."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    count = math.ceil((length - tile) / stride) + 1
-    return [min(i * stride, length - tile) for i in range(count)]
-
-
-def gaussian_weights(height, width, device):
-    """Tile blending weights: a Gaussian of variance 0.01 in units of the tile size (published code).
-
-    float32 always: the corner weights (~1e-11) would underflow to 0 in fp16 and leave 0 / 0 there."""
-    def profile(n):
-        x = torch.arange(n, dtype=torch.float64)
-        return torch.exp(-((x - (n - 1) / 2) / n) ** 2 / (2 * 0.01))
-    return torch.outer(profile(height), profile(width)).to(device, torch.float32)  # (h, w)
-
-
-def tiled_velocity(model, z, timesteps, tile, overlap, progress=False):
-    """v(z, t) for a latent of any size: overlapping tiles, blended with Gaussian weights (tile 0: no tiles)."""
-    _, _, h, w = z.shape
-    if not tile or (h <= tile and w <= tile):
-        return model(z, timesteps)
-    th, tw = min(tile, h), min(tile, w)
-    weights = gaussian_weights(th, tw, z.device)
-    out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
-    total = torch.zeros(h, w, device=z.device, dtype=torch.float32)
-    tiles = [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
-    for y, x in tqdm(tiles, desc="tiles", leave=False, disable=not progress):
-        out[:, :, y:y + th, x:x + tw] += model(z[:, :, y:y + th, x:x + tw], timesteps).float() * weights
-        total[y:y + th, x:x + tw] += weights
-    return (out / total).to(z.dtype)
-
-
-# ---- the pipeline ----------------------------------------------------------------------------------------
-
-@torch.no_grad()
 def super_resolve(model, lr, cfg, generator=None, progress=False):
-    """lr: (1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1]."""
-    device, dtype = model.context.device, model.context.dtype
-    up = F.interpolate(lr * 2 - 1, scale_factor=4, mode=model.upsample if cfg.upsample == "model" else cfg.upsample,
-                       align_corners=False).clamp(-1, 1)  # (1, 3, H, W)
-    H, W = up.shape[-2:]
-    m = model.pad_multiple
-    pad_h, pad_w = -H % m, -W % m
-    mode = "reflect" if pad_h < H and pad_w < W else "replicate"  # reflect cannot pad more than the size
-    # channels-last input: every convolution then runs on NHWC activations (~10 % faster VAE on a CPU, the
-    # layout tensor cores want on a GPU), with no copy of the weights; outputs differ only by float rounding
-    x = F.pad(up, (0, pad_w, 0, pad_h), mode=mode).to(device, dtype, memory_format=torch.channels_last)
-    ae_tile = cfg.vae_tile_size or None
-    if cfg.posterior == "sample" and hasattr(model.ae, "posterior"):
-        mean, logvar = model.ae.posterior(x, tile_size=ae_tile)
-        z = model.scale * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(mean))
-    else:
-        z = model.encode(x, tile_size=ae_tile)  # (1, C, H/f, W/f)
-    sigmas = torch.tensor([1.0, 0.0]) if cfg.steps == 1 else flow_match_sigmas(cfg.steps, cfg.shift)
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        timesteps = torch.full((z.shape[0],), 1000 * sigma, device=device)
-        z = z + (sigma_next - sigma) * tiled_velocity(model, z, timesteps, cfg.tile_size, cfg.tile_overlap, progress)
-    decode_tile = ae_tile // model.ae.downscale if ae_tile else None
-    sr = model.decode(z, tile_size=decode_tile).clamp(-1, 1)[:, :, :H, :W].float()  # (1, 3, H, W)
-    return color_fix((sr + 1) / 2, ((up + 1) / 2).to(sr.device), cfg.color_fix)
+    """lr: (1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1], with the options of the command line."""
+    return flowsr.super_resolve(model, lr, cfg.steps, cfg.shift, cfg.color_fix,
+                                None if cfg.upsample == "model" else cfg.upsample, cfg.tile_size, cfg.tile_overlap,
+                                cfg.vae_tile_size, cfg.posterior, generator, progress)
 
 
 # ---- files -----------------------------------------------------------------------------------------------
@@ -270,11 +184,34 @@ def check_tiles(cfg, model):
     return None
 
 
-def load_model(cfg, device):
+def native_bf16(device):
+    """(bool, why): does `device` compute bf16 in hardware? Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor}"  # Ampere and newer have bf16 tensor cores
+    if device.type == "cpu":
+        if torch.cpu._is_amx_tile_supported():
+            return True, "CPU with AMX"
+        if torch.cpu._is_avx512_bf16_supported():
+            return True, "CPU with AVX512-BF16"
+        return False, "CPU without AMX or AVX512-BF16"
+    return False, f"{device.type} device"
+
+
+def pick_dtype(choice, device):
+    """(dtype name, the line saying why): --dtype auto takes bf16 only where it is native."""
+    if choice != "auto":
+        return choice, f"dtype {choice} (--dtype)"
+    native, why = native_bf16(device)
+    return ("bf16", f"dtype bf16 ({why}; --dtype fp32 for full precision)") if native else \
+        ("fp32", f"dtype fp32 ({why})")
+
+
+def load_model(cfg, device, dtype):
     if cfg.checkpoint == BUNDLED_MODEL and not os.path.isfile(BUNDLED_MODEL):
         raise WeightsError(f"{BUNDLED_MODEL}: the bundled model is missing; give a model with --checkpoint")
     model = FlowSR.load(cfg.checkpoint, base=cfg.base or None, prompt=cfg.prompt or None,
-                        dtype=DTYPES[cfg.dtype], cache_dir=cfg.cache_dir)
+                        dtype=DTYPES[dtype], cache_dir=cfg.cache_dir)
     return model.to(device).eval()
 
 
@@ -293,15 +230,18 @@ def main(argv=None):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if not cfg.quiet:
+    if cfg.verbose:
         print("config:\n" + describe(cfg))
     device = cfg.device if cfg.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
-        model = load_model(cfg, torch.device(device))
+        dtype, why = pick_dtype(cfg.dtype, torch.device(device))
+        model = load_model(cfg, torch.device(device), dtype)
     except (WeightsError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: e.g. no such GPU (cuda:7)
         print(f"error: {one_line(e, cfg.checkpoint)}", file=sys.stderr)
         return 1
+    if not cfg.quiet:
+        print(why)
     problem = check_tiles(cfg, model)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -311,8 +251,9 @@ def main(argv=None):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2):
+        started = time.perf_counter()
         try:
-            process(model, path, out, cfg, progress=not cfg.quiet)
+            process(model, path, out, cfg, progress=cfg.verbose)
         except torch.OutOfMemoryError:
             errors.append(path)
             tqdm.write(f"error: {path}: out of memory (try a smaller --tile-size / --vae-tile-size)", file=sys.stderr)
@@ -321,7 +262,7 @@ def main(argv=None):
             tqdm.write(f"error: {one_line(e, path)}", file=sys.stderr)
         else:
             if not cfg.quiet:
-                tqdm.write(f"wrote {out}")
+                tqdm.write(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
     return 1 if errors else 0
 
 

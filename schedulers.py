@@ -6,7 +6,9 @@ Flow time t runs from 1 (the LR latent z_L) to 0 (the HR latent z_H). Three grid
 - adjacent pairs (t_n > t_{n-1}) of stage 2, from the fast or the slow uniform grid
   ("fast-slow timestep scheduling", `sample_adjacent_pairs`);
 - the sampling grid (`flow_match_sigmas`): the flow-matching grid with shift 3, identical to
-  diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0), which the published checkpoint used.
+  diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0), which the published checkpoint used. The
+  time shift is SD3's: Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
+  Image Synthesis" (ICML).
 
 All functions return float32 CPU tensors; move them with `.to(device)`.
 """
@@ -52,7 +54,8 @@ def sample_adjacent_pairs(batch, n_fast=4, n_slow=1000, p_fast=0.5, generator=No
 
 
 def shift_sigma(sigma, shift):
-    """The flow-matching time shift g(s) = shift * s / (1 + (shift - 1) * s); g(0) = 0, g(1) = 1."""
+    """The flow-matching time shift g(s) = shift * s / (1 + (shift - 1) * s) of SD3 (Esser et al. 2024);
+    g(0) = 0, g(1) = 1."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 

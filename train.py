@@ -1,5 +1,6 @@
-"""Train FlowSR, top to bottom: stage 1 (rectified SR flow, SPEC 2), then stage 2 (consistency flow
-distillation with HR regularization and fast-slow timestep pairs, plus GAN and CLIP-IQA terms, SPEC 3-5).
+"""Train FlowSR (Xu et al. 2025, "Fast Image Super-Resolution via Consistency Rectified Flow", ICCV), top to
+bottom: stage 1 (rectified SR flow, SPEC 2), then stage 2 (consistency flow distillation with HR
+regularization and fast-slow timestep pairs, plus GAN and CLIP-IQA terms, SPEC 3-5).
 
     python train.py                                    # tiny preset, CPU, both stages, shipped photos
     python train.py --preset sd21 --base SD21_DIR      # LoRA fine-tune of Stable Diffusion 2.1-base
@@ -14,42 +15,35 @@ are written atomically, the state file last (it commits a checkpoint): a run kil
 from its last checkpoint. SIGINT / SIGTERM save and exit; a non-finite loss skips its step. Under torchrun
 only rank 0 writes files, into an --out-dir that every rank sees.
 """
-import contextlib
 import copy
-import dataclasses
-import hashlib
-import json
 import os
-import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import lora
 import losses
-from plumbing.flags import describe, flag, parse
 from consistency import ConsistencyFlowDistillation, update_ema
-from data import HRFolderDataset, ImageError, from_model, list_images, load_image, save_image, to_model
-from degradations import degrade_realesrgan
-from flow import RectifiedSRFlow, sample
-from flowsr import FLOWSR_PROMPT, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
-from schedulers import sample_adjacent_pairs, sample_times
-from plumbing.trainstate import model_signature, resume, save_state, trim_log
+from data import DEGRADATIONS, HRFolderDataset
+from flow import RectifiedSRFlow
+from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
+from plumbing.flags import describe, flag, parse
+from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
+                                synced_step, warnings_to)
+from plumbing.trainstate import Checkpoints, trim_log
+from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
+from schedulers import sample_adjacent_pairs, sample_times
 
 PRESETS = {  # what a 0 / "" in the config means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=2000, stage2_steps=150,
-                 grad_checkpointing=False),
+                 grad_checkpointing=False, degradation="mixed"),
     "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage2_lr=2e-5, stage1_steps=20000, stage2_steps=20000,
-                 grad_checkpointing=True),
+                 grad_checkpointing=True, degradation="realesrgan"),
 }
 
 
@@ -73,7 +67,12 @@ class TrainConfig:
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     seed: int = flag(0, "seed of the data, the time draws and the initial weights")
-    degradation: str = flag("realesrgan", "how LR inputs are made from HR crops", choices=("realesrgan", "bicubic"))
+    degradation: str = flag("", "how LR inputs are made from HR crops (default: the preset's)",
+                            choices=("", *DEGRADATIONS))
+    zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
+    flat_prob: float = flag(0.1, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
+    pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the velocity's PixelHead (0: none)")
+    flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
     latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss")
@@ -113,25 +112,18 @@ class TrainConfig:
 # ---- setup --------------------------------------------------------------------------------------------
 
 def setup(cfg):
-    """Fill preset defaults; start the process group under torchrun; pick the device."""
+    """Fill preset defaults and check the config; start the process group under torchrun; pick the device."""
     defaults = PRESETS[cfg.preset]
-    for key in ("batch_size", "crop_size", "lr", "stage2_lr"):
+    for key in ("batch_size", "crop_size", "lr", "stage2_lr", "degradation"):
         if not getattr(cfg, key):
             setattr(cfg, key, defaults[key])
     if cfg.grad_checkpointing == "auto":
         cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
     if cfg.preset == "sd21" and not cfg.base:
-        sys.exit("error: --preset sd21 needs --base (an SD 2.1-base diffusers folder or single file)")
+        raise TrainingError("--preset sd21 needs --base (an SD 2.1-base diffusers folder or single file)")
     if cfg.batch_size % cfg.grad_accum:
-        sys.exit(f"error: --batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum}")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+        raise TrainingError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum}")
+    return Ranks.start(cfg.device)
 
 
 def steps_for(cfg, stage):
@@ -141,25 +133,19 @@ def steps_for(cfg, stage):
 def open_dataset(cfg, stages, world, say):
     """The training photos, checked once at start: unreadable files are skipped with one warning each."""
     length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * world
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_to(say):
         try:
-            return HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=length)
+            return HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=length,
+                                   zoom_out=cfg.zoom_out, flat_prob=cfg.flat_prob)
         except ValueError as e:
-            sys.exit(f"error: {e}")
-        finally:
-            for warning in caught:
-                say(f"warning: {warning.message}")
+            raise TrainingError(str(e)) from None
 
 
-def build_model(cfg, stage, device):
-    """Stage 1: the preset's model (LoRA-injected for sd21). Stage 2: the stage-1 model, still trainable."""
-    init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
-    if stage == 2 and not os.path.isfile(init):
-        sys.exit(f"error: {init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
+def build_model(cfg, device, init=None):
+    """The preset's model (LoRA-injected for sd21): fresh, or the stage-1 model of the checkpoint `init`."""
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        model = FlowSR.tiny(cfg.upsample) if stage == 1 else FlowSR.load(init)
+        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
         model.upsample = cfg.upsample
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
@@ -167,321 +153,214 @@ def build_model(cfg, stage, device):
         if cfg.vae_lora_rank:
             lora.inject_lora(model.ae, vae_encoder_targets(model.ae), cfg.vae_lora_rank)
         lora.mark_only_lora_trainable(model)
-        if stage == 2:
+        if init:
             _, unet_sd, vae_sd = lora.read_flowsr_checkpoint(init)
             lora.load_lora_state_dict(model.unet, unet_sd, init)
             lora.load_lora_state_dict(model.ae, vae_sd, init)
     model.unet.gradient_checkpointing = cfg.grad_checkpointing == "on"
+    if cfg.crop_size % model.pad_multiple:
+        raise TrainingError(f"--crop-size {cfg.crop_size} must be a multiple of {model.pad_multiple} for this model")
     return model.to(device)
 
 
-def build_stage(cfg, stage, device, say):
-    """The model, its optimizer and loss, and in stage 2 the teacher, EMA target, discriminator and IQA."""
-    s = SimpleNamespace(model=build_model(cfg, stage, device), teacher=None, target=None, discriminator=None,
-                        d_params=[], d_optimizer=None, iqa=None)
-    if cfg.crop_size % s.model.pad_multiple:
-        sys.exit(f"error: --crop-size {cfg.crop_size} must be a multiple of {s.model.pad_multiple} for this model")
-    s.params = [p for p in s.model.parameters() if p.requires_grad]
-    s.optimizer = torch.optim.AdamW(s.params, lr=cfg.lr if stage == 1 else cfg.stage2_lr, weight_decay=cfg.weight_decay)
+# ---- the stages: what each one trains, and one optimizer step of it -----------------------------------
+
+@dataclass
+class Stage:
+    """The trained model, its objective and optimizer; stage 2 adds the frozen teacher, the EMA target, the
+    discriminator (with an optimizer while --gan-weight > 0) and CLIP-IQA (None when off)."""
+    number: int
+    model: FlowSR
+    objective: RectifiedSRFlow | ConsistencyFlowDistillation
+    optimizer: torch.optim.Optimizer  # of the model's trainable weights
+    teacher: FlowSR | None = None
+    target: FlowSR | None = None
+    discriminator: losses.UNetDiscriminatorSN | None = None
+    d_optimizer: torch.optim.Optimizer | None = None
+    iqa: losses.CLIPIQALoss | None = None
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_lpips(cfg, device, say):
     lpips = losses.try_load_lpips(cfg.lpips_vgg or None, cfg.lpips_heads or None, log=say)
-    lpips = lpips.to(device) if lpips is not None else None
-    if stage == 1:
-        s.method = RectifiedSRFlow(s.model.ae, lpips, cfg.lpips_weight, cfg.latent_weight)
-        return s
-    s.method = ConsistencyFlowDistillation(s.model.ae, lpips, cfg.hr_reg_weight, cfg.lpips_weight, cfg.distance,
-                                           cfg.huber_c, cfg.gt_at_zero, cfg.perturb_std)
-    s.teacher = lora.merge_lora(copy.deepcopy(s.model)).requires_grad_(False).eval()
-    s.target = copy.deepcopy(s.model).requires_grad_(False)
-    s.discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
-    if cfg.gan_weight > 0:
-        s.d_params = list(s.discriminator.parameters())
-        s.d_optimizer = torch.optim.AdamW(s.d_params, lr=cfg.d_lr, betas=(0.5, 0.999))
-    if cfg.iqa_weight > 0:
-        s.iqa = losses.try_load_clip_iqa(cfg.clip or None, log=say)
-        s.iqa = s.iqa.to(device) if s.iqa is not None else None
-    return s
+    return lpips.to(device) if lpips is not None else None
 
 
-def export(cfg, model, path, stage, step):
-    extra = {"stage": stage, "step": step, "train_config": dataclasses.asdict(cfg)}
-    if cfg.preset == "tiny":
-        model.save(path, extra)
-    else:
-        model.save_lora(path, cfg.lora_rank, cfg.vae_lora_rank, extra)
-
-
-# ---- data ---------------------------------------------------------------------------------------------
-
-def ignore_signals(worker_id):
-    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def batches(cfg, dataset, start_step, total_steps, rank, world):
-    """Item n of the dataset is fully determined by (seed, n), and step s of rank r takes the items
-    s * B * world + r * B + [0, B): resuming at any step gives the same batches."""
-    order = [step * cfg.batch_size * world + rank * cfg.batch_size + j
-             for step in range(start_step, total_steps) for j in range(cfg.batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, drop_last=True,
-                                       num_workers=cfg.num_workers, worker_init_fn=ignore_signals)
-
-
-def step_generator(cfg, stage, step, rank):
-    """The generator of a step's time draws (and perturbation): a pure function of (seed, stage, step, rank)."""
-    key = hashlib.blake2b(f"{cfg.seed}/{stage}/{step}/{rank}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
-
-
-def validation_batch(cfg, say, n=4):
-    """Fixed center crops of held-out photos, degraded with fixed seeds: the same every time."""
-    paths = list_images(cfg.val_data)[:n] if os.path.isdir(cfg.val_data) else []
-    hrs, lrs = [], []
-    for i, path in enumerate(paths):
-        try:
-            image = load_image(path)[0]  # (3, H, W) in [0, 1]
-        except ImageError as e:
-            say(f"warning: skipping {e}")
-            continue
-        size = min(cfg.crop_size, *image.shape[1:]) // 16 * 16
-        top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
-        hr = image[:, top:top + size, left:left + size]
-        hr = F.interpolate(hr[None], size=cfg.crop_size, mode="bicubic", antialias=True)[0].clamp(0, 1)
-        hrs.append(to_model(hr))
-        lrs.append(to_model(degrade_realesrgan(hr, 4, torch.Generator().manual_seed(1000 + i))))
-    if not hrs:
-        say(f"no validation grids: no readable photos in {cfg.val_data}")
-    return (torch.stack(hrs), torch.stack(lrs)) if hrs else None
-
-
-@torch.no_grad()
-def save_validation_grid(model, val, path):
-    """Rows of up(LR) | one-step output | HR."""
-    hr, lr = (x.to(model.context.device) for x in val)
-    up = model.upsample_lr(lr)
-    sr = model.decode(sample(model, model.encode(up), None, torch.tensor([1.0, 0.0]))).clamp(-1, 1)
-    rows = torch.stack([up, sr, hr], dim=1).flatten(0, 1)  # (3B, 3, H, W)
-    save_image(make_grid(from_model(rows), nrow=3, padding=2), path)
-
-
-# ---- one stage ----------------------------------------------------------------------------------------
-
-class Interrupted:
-    """While active, SIGINT / SIGTERM ask the loop to save and stop after the current step (a second SIGINT
-    stops at once); on exit the previous handlers come back."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def request(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-
-def average_gradients(params, world):
-    """Data parallelism: each rank has gradients of its own batch; one all_reduce averages them."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world > 1 and grads:
-        buffer = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(buffer)
-        buffer /= world
-        for g, chunk in zip(grads, buffer.split([g.numel() for g in grads])):
-            g.copy_(chunk.view_as(g))
-
-
-def any_rank(flag, world, device):
-    if world == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value)
-    return value.item() > 0
-
-
-def stage_loss(cfg, stage, s, hr, lr, generator):
-    """One micro-batch: (loss, per-example loss (b,), stats, t (b,), decoded prediction or None)."""
-    model, device = s.model, hr.device
-    z_L = model.encode(model.upsample_lr(lr))  # (b, C, h, w), through the LoRA-tuned encoder
+def latents(model, x_hr, x_lr):
+    """z_H = s E(x_HR) and z_L = s E(up(x_LR)), (b, C, h, w) each (SPEC 1)."""
+    z_L = model.encode(model.upsample_lr(x_lr))  # through the LoRA-tuned encoder
     with torch.no_grad(), lora.lora_disabled(model.ae):
-        z_H = model.encode(hr)  # the frozen encoder defines the HR target
-    if stage == 1:
-        t = sample_times(len(hr), cfg.slow_steps, generator).to(device)
-        return (*s.method.loss(model, hr, z_H, z_L, t, None), t, None)
-    t, t_prev, _ = sample_adjacent_pairs(len(hr), cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
-    t, t_prev = t.to(device), t_prev.to(device)
-    loss, per_sample, stats, x_pred = s.method.loss(model, s.teacher, s.target, hr, z_H, z_L, t, t_prev, None,
-                                                    generator)
-    if s.d_optimizer:
-        gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
-        loss, stats["gan_g"] = loss + cfg.gan_weight * gan, gan.item()
-    if s.iqa is not None:
-        iqa = s.iqa(x_pred)
-        loss, stats["iqa"] = loss + cfg.iqa_weight * iqa, iqa.item()
-    stats["loss"] = loss.item()
-    return loss, per_sample, stats, t, x_pred
+        z_H = model.encode(x_hr)  # the frozen encoder defines the HR target
+    return z_H, z_L
 
 
-def optimizer_step(cfg, stage, s, batch, generator, world, device, autocast):
-    """One step of the model (then of the discriminator): (stats, t (B,), per-example loss (B,)), or None
-    when a loss or the gradient is not finite, and then nothing is updated."""
-    micro = cfg.batch_size // cfg.grad_accum
+# Stage 1: rectified SR flow (SPEC 2).
+
+def build_stage1(cfg, device, say):
+    model = build_model(cfg, device)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    flow = RectifiedSRFlow(model.ae, load_lpips(cfg, device, say), cfg.lpips_weight, cfg.latent_weight)
+    return Stage(1, model, flow, optimizer)
+
+
+def stage1_step(cfg, s, batch, generator, ranks):
+    """One optimizer step of v_theta: its StepReport, or None when it was skipped (not finite)."""
     s.optimizer.zero_grad(set_to_none=True)
-    stats, finite, times, per_example = {}, True, [], []
-    for k in range(cfg.grad_accum):
-        hr, lr = (batch[key][k * micro:(k + 1) * micro].to(device) for key in ("hr", "lr"))
-        with autocast:
-            loss, per_sample, micro_stats, t, x_pred = stage_loss(cfg, stage, s, hr, lr, generator)
-        finite = finite and bool(torch.isfinite(loss))
+    report = StepReport(cfg.grad_accum)
+    for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
+        with ranks.autocast():
+            z_H, z_L = latents(s.model, x_hr, x_lr)
+            t = sample_times(len(x_hr), cfg.slow_steps, generator).to(ranks.device)  # (b,)
+            # L1 = ||D(f/s) - x_HR||^2 + lambda_lpips LPIPS(D(f/s), x_HR) (+ latent_weight ||v - (z_L - z_H)||^2),
+            # where f = z_t - t v_theta(z_t, t) is the HR latent implied at z_t = (1 - t) z_H + t z_L
+            loss, per_example, stats = s.objective.loss(s.model, x_hr, z_H, z_L, t, None)
+        report.add(loss, per_example, stats, t)
         (loss / cfg.grad_accum).backward()
-        for key, value in micro_stats.items():
-            stats[key] = stats.get(key, 0.0) + value / cfg.grad_accum
-        times.append(t.detach().cpu())
-        per_example.append(per_sample.detach().float().cpu())
-    average_gradients(s.params, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip or float("inf"))
-    if any_rank(not finite, world, device) or not torch.isfinite(grad_norm):  # the norm is the same on all ranks
+    grad_norm = synced_step(s.optimizer, ranks, cfg.grad_clip, report.finite)
+    if grad_norm is None:
         return None
-    s.optimizer.step()
-    if stage == 2:
-        update_ema(s.target, s.model, cfg.ema_decay)
-    if s.d_optimizer:  # the discriminator's turn, on the last micro-batch
+    report.stats["grad_norm"] = grad_norm
+    return report
+
+
+# Stage 2: consistency flow distillation with HR regularization, GAN and CLIP-IQA (SPEC 3-5).
+
+def build_stage2(cfg, device, say):
+    """The student f_theta (the stage-1 model, still trainable), the teacher v_phi (the stage-1 model, frozen,
+    its LoRA merged), the target theta- (an EMA of the student), the discriminator and CLIP-IQA."""
+    init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
+    if not os.path.isfile(init):
+        raise TrainingError(f"{init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
+    model = build_model(cfg, device, init)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
+    distillation = ConsistencyFlowDistillation(model.ae, load_lpips(cfg, device, say), cfg.hr_reg_weight,
+                                               cfg.lpips_weight, cfg.distance, cfg.huber_c, cfg.gt_at_zero,
+                                               cfg.perturb_std)
+    teacher = lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
+    target = copy.deepcopy(model).requires_grad_(False)
+    discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
+    d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+                   if cfg.gan_weight > 0 else None)
+    iqa = losses.try_load_clip_iqa(cfg.clip or None, log=say) if cfg.iqa_weight > 0 else None
+    return Stage(2, model, distillation, optimizer, teacher, target, discriminator, d_optimizer,
+                 iqa.to(device) if iqa is not None else None)
+
+
+def stage2_step(cfg, s, batch, generator, ranks):
+    """One optimizer step of the student, then of the discriminator, then the EMA update of the target: the
+    student's StepReport, or None when its step was skipped (not finite), and then nothing was updated."""
+    s.optimizer.zero_grad(set_to_none=True)
+    report = StepReport(cfg.grad_accum)
+    for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
+        with ranks.autocast():
+            z_H, z_L = latents(s.model, x_hr, x_lr)
+            t_n, t_prev, _ = sample_adjacent_pairs(len(x_hr), cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
+            t_n, t_prev = t_n.to(ranks.device), t_prev.to(ranks.device)  # (b,) each, t_n > t_prev adjacent
+            # L = L_CD + lambda_HR L_HR + lambda_GAN L_GAN + lambda_IQA L_IQA (SPEC 5). The distillation gives
+            # L_CD + lambda_HR L_HR and x_pred = D(f_theta(z_tn, t_n) / s), which carries the student's gradient
+            # into the discriminator's verdict (L_GAN) and CLIP-IQA's (L_IQA).
+            loss, per_example, stats, x_pred = s.objective.loss(s.model, s.teacher, s.target, x_hr, z_H, z_L, t_n,
+                                                                t_prev, None, generator)
+            if cfg.gan_weight > 0:
+                l_gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
+                loss, stats["gan_g"] = loss + cfg.gan_weight * l_gan, l_gan.item()
+            if s.iqa is not None:  # None also when --clip has no files
+                l_iqa = s.iqa(x_pred)
+                loss, stats["iqa"] = loss + cfg.iqa_weight * l_iqa, l_iqa.item()
+            stats["loss"] = loss.item()
+        report.add(loss, per_example, stats, t_n)
+        (loss / cfg.grad_accum).backward()
+    grad_norm = synced_step(s.optimizer, ranks, cfg.grad_clip, report.finite)
+    if grad_norm is None:
+        return None
+    if cfg.gan_weight > 0:  # the discriminator's turn, on the last micro-batch: x_HR is real, x_pred fake
         s.d_optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            d_loss = losses.d_loss(s.discriminator(hr), s.discriminator(x_pred.detach()), cfg.gan_loss)
+        with ranks.autocast():
+            d_loss = losses.d_loss(s.discriminator(x_hr), s.discriminator(x_pred.detach()), cfg.gan_loss)
         d_loss.backward()
-        average_gradients(s.d_params, world)
-        if torch.isfinite(torch.nn.utils.clip_grad_norm_(s.d_params, float("inf"))):
-            s.d_optimizer.step()
-        stats["gan_d"] = d_loss.item()
-    return {**stats, "grad_norm": grad_norm.item()}, torch.cat(times), torch.cat(per_example)
+        synced_step(s.d_optimizer, ranks)
+        report.stats["gan_d"] = d_loss.item()
+    update_ema(s.target, s.model, cfg.ema_decay)  # theta- <- mu theta- + (1 - mu) theta
+    report.stats["grad_norm"] = grad_norm
+    return report
 
 
-def new_window():
-    """Sums of the stats since the last log line, and of the per-example loss by t in [0,.25) .. [.75,1]."""
-    return {"sums": {}, "count": 0, "by_t": torch.zeros(2, 4)}
+# ---- the loop -----------------------------------------------------------------------------------------
 
-
-def train_stage(cfg, stage, dataset, val, rank, world, device, interrupted):
+def train_stage(cfg, stage, dataset, val, ranks, interrupted):
     """Build (or resume) one stage, train it to its last step with checkpoints, logs and grids; return its model."""
-    say = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    say = tqdm.write if ranks.rank == 0 else (lambda *a, **k: None)
     total = steps_for(cfg, stage)
-    state_path = os.path.join(cfg.out_dir, f"stage{stage}_state.pt")
-    model_path = os.path.join(cfg.out_dir, f"stage{stage}.safetensors")
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    try:
-        s = build_stage(cfg, stage, device, say)
-    except WeightsError as e:
-        sys.exit(f"error: {e}")
-    model, signature = s.model, model_signature(cfg, s.model)
-    say(f"stage {stage}: {sum(p.numel() for p in s.params) / 1e6:.2f} M trainable parameters, {total} steps")
-    step, window, saved_step = 0, new_window(), None
-    if cfg.resume and os.path.exists(state_path):
-        step, window = resume(cfg, stage, s, state_path, signature, say)
-        window = window or new_window()
-        saved_step = step
-
-    def checkpoint():
-        """The model file, then the training state: a failed or killed write leaves the last state intact."""
-        nonlocal saved_step
-        error = None
-        if rank == 0:
-            state = {"step": step, "signature": json.dumps(signature), "config": json.dumps(dataclasses.asdict(cfg)),
-                     "model": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                     "optimizer": s.optimizer.state_dict(), "window": window}
-            if stage == 2:
-                state.update(target=s.target.state_dict(), discriminator=s.discriminator.state_dict())
-                if s.d_optimizer:
-                    state["d_optimizer"] = s.d_optimizer.state_dict()
-            try:
-                export(cfg, model, model_path, stage, step)
-                save_state(state_path, state)
-            except OSError as e:
-                error = str(e).strip().splitlines()[0]
-        if any_rank(error is not None, world, device):
-            kept = (f"{state_path} still holds step {saved_step}" if saved_step is not None
-                    else "no earlier checkpoint of this stage")
-            sys.exit(f"error: could not save the stage {stage} checkpoint of step {step} ({error}); {kept}"
-                     if rank == 0 else 1)
-        saved_step = step
-
+    build, train_step = (build_stage1, stage1_step) if stage == 1 else (build_stage2, stage2_step)
+    s = build(cfg, ranks.device, say)
+    say(f"stage {stage}: {sum(p.numel() for p in trainable(s.model)) / 1e6:.2f} M trainable parameters, {total} steps")
+    checkpoints = Checkpoints(cfg, s, ranks)
+    step, window = checkpoints.resume(say)
     if step >= total:
-        return model
-    if rank == 0:
+        return s.model
+    log_path = os.path.join(cfg.out_dir, "log.jsonl") if ranks.rank == 0 else None
+    if ranks.rank == 0:
         trim_log(log_path, stage, step)
         os.makedirs(os.path.join(cfg.out_dir, "val"), exist_ok=True)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bad_in_row, started = 0, time.time()
-    model.train()
-    with tqdm(total=total, initial=step, desc=f"stage {stage}", disable=rank != 0, dynamic_ncols=True) as bar:
-        for batch in batches(cfg, dataset, step, total, rank, world):
-            result = optimizer_step(cfg, stage, s, batch, step_generator(cfg, stage, step, rank), world, device,
-                                    autocast)
+    s.model.train()
+    with tqdm(total=total, initial=step, desc=f"stage {stage}", disable=ranks.rank != 0, dynamic_ncols=True) as bar:
+        for batch in batches(dataset, cfg.batch_size, step, total, ranks.rank, ranks.world, cfg.num_workers):
+            report = train_step(cfg, s, batch, step_generator(cfg.seed, stage, step, ranks.rank), ranks)
             step += 1  # a skipped step uses up its batch too
             bar.update(1)
-            if result is None:
+            if report is None:
                 bad_in_row += 1
                 say(f"warning: stage {stage} step {step}: non-finite loss or gradient, step skipped "
                     f"({bad_in_row} in a row)")
                 if bad_in_row >= cfg.max_bad_steps:
-                    checkpoint()
-                    sys.exit(f"error: stage {stage} step {step}: {bad_in_row} non-finite losses in a row "
-                             f"(--max-bad-steps); stopped. {state_path} holds the weights of the last good step")
+                    checkpoints.save(step, window)
+                    raise TrainingError(f"stage {stage} step {step}: {bad_in_row} non-finite losses in a row "
+                                        f"(--max-bad-steps); stopped. {checkpoints.state_path} holds the weights "
+                                        "of the last good step")
             else:
-                stats, t, per_example = result
-                bad_in_row, index = 0, (t * 4).clamp(max=3.999).long()
-                window["by_t"][0].index_add_(0, index, per_example)
-                window["by_t"][1].index_add_(0, index, torch.ones(len(index)))
-                for key, value in stats.items():
-                    window["sums"][key] = window["sums"].get(key, 0.0) + value
-                window["count"] += 1
-                bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items() if k in ("loss", "pixel_mse", "consistency")})
-            if (step % cfg.log_every == 0 or step == total) and window["count"]:
-                means = {k: v / window["count"] for k, v in window["sums"].items()}
-                by_t = (window["by_t"][0] / window["by_t"][1].clamp(min=1)).tolist()
-                say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {time.time() - started:.0f}s")
-                if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
-                window = new_window()
-            if rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
-                grid = os.path.join(cfg.out_dir, "val", f"stage{stage}_{step:06d}.png")
-                save_validation_grid(model.eval(), val, grid)
-                model.train()
-            stop = any_rank(interrupted.requested, world, device)
+                bad_in_row = 0
+                window.add(report)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in report.stats.items()
+                                 if k in ("loss", "pixel_mse", "consistency")})
+            if (step % cfg.log_every == 0 or step == total) and window.count:
+                window.log(stage, step, total, time.time() - started, say, log_path)
+            if ranks.rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
+                save_validation_grid(s.model, val, os.path.join(cfg.out_dir, "val", f"stage{stage}_{step:06d}.png"))
+            stop = ranks.any(interrupted.requested)
             if step % cfg.ckpt_every == 0 or step == total or stop:
-                checkpoint()
+                checkpoints.save(step, window)
             if stop:
                 say(f"interrupted: saved stage {stage} at step {step}/{total}; continue with --resume")
-                if rank == 0:
-                    print(f"saved: {model_path}", flush=True)
+                if ranks.rank == 0:
+                    print(f"saved: {checkpoints.model_path}", flush=True)
                 sys.exit(0)
-    if world > 1:
+    if ranks.world > 1:
         dist.barrier()  # the other ranks' stage 2 reads this stage's model file
-    return model
+    return s.model
 
 
 def main(argv=None):
     """Train; returns the model of the last stage (the same on every rank)."""
     cfg = parse(TrainConfig, argv)
-    with Interrupted() as interrupted:
-        rank, world, device = setup(cfg)
-        say = print if rank == 0 else (lambda *a, **k: None)
-        say("config:\n" + describe(cfg), flush=True)
-        if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-        stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
-        dataset = open_dataset(cfg, stages, world, say)
-        val = validation_batch(cfg, say) if rank == 0 else None
-        for stage in stages:
-            model = train_stage(cfg, stage, dataset, val, rank, world, device, interrupted)
-    if world > 1:
+    try:
+        with Interrupted() as interrupted:
+            ranks = setup(cfg)
+            say = print if ranks.rank == 0 else (lambda *a, **k: None)
+            say("config:\n" + describe(cfg), flush=True)
+            if ranks.rank == 0:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+            stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
+            dataset = open_dataset(cfg, stages, ranks.world, say)
+            val = validation_batch(cfg.val_data, cfg.crop_size, say) if ranks.rank == 0 else None
+            for stage in stages:
+                model = train_stage(cfg, stage, dataset, val, ranks, interrupted)
+    except (TrainingError, WeightsError) as e:
+        sys.exit(f"error: {e}")
+    if ranks.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     say(f"saved: {os.path.join(cfg.out_dir, f'stage{stages[-1]}.safetensors')}", flush=True)

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import vgg16_feature_weights
+from plumbing.vgg16 import vgg16_feature_weights, vgg16_features
 from plumbing.weights import load_strict, read_state_dict
 
-VGG16_LAYERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512)
 STAGE_CHANNELS = (3, 64, 128, 256, 512, 512)  # the image itself, then the five VGG stages
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -46,14 +45,7 @@ class DISTS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        layers, channels = [], 3
-        for item in VGG16_LAYERS:
-            if item == "pool":
-                layers.append(L2Pool())
-            else:
-                layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU()]
-                channels = item
-        self.features = nn.Sequential(*layers)  # indices match torchvision's vgg16().features[:30]
+        self.features = vgg16_features(pool=L2Pool)  # indices match torchvision's vgg16().features[:30]
         self.mixing = nn.ParameterDict({
             "alpha": nn.Parameter(torch.empty(1, sum(STAGE_CHANNELS), 1, 1)),  # texture weights
             "beta": nn.Parameter(torch.empty(1, sum(STAGE_CHANNELS), 1, 1)),  # structure weights

@@ -7,7 +7,6 @@ Each script (train.py, sample.py, evaluate.py) declares its settings as a datacl
 """
 import argparse
 import dataclasses
-import json
 
 
 def flag(default, help, choices=None, positional=False, short=None):
@@ -49,7 +48,3 @@ def describe(config):
     """One line per field, for the log at start."""
     width = max(len(f.name) for f in dataclasses.fields(config))
     return "\n".join(f"  {f.name:<{width}} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config))
-
-
-def to_json(config):
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)

@@ -5,17 +5,19 @@ weights_only=True) holds the trainable weights, the optimizer, in stage 2 the EM
 discriminator, the step and the open log window; the data and time draws of step n are a pure function of
 (seed, stage, n, rank), so nothing else is needed. It is written atomically (weights.write_atomic) and after
 the model file, so it is what commits a checkpoint. A state of another model (preset, sizes, LoRA ranks,
-upsampling) is refused, naming the differences.
+upsampling) is refused, naming the differences. Every refusal is a one-line TrainingError.
 """
 import dataclasses
 import io
 import json
 import os
-import sys
 
 import torch
 
-from plumbing.weights import write_atomic
+from plumbing.training import LogWindow, TrainingError
+from plumbing.weights import first_line, write_atomic
+
+OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the optimizer only while --gan-weight > 0
 
 
 def flat(value, prefix):
@@ -45,8 +47,8 @@ def load_state(path):
         json.loads(state["signature"])
         return state
     except Exception as e:  # torch.load raises many types on a damaged file
-        sys.exit(f"error: {path}: not a readable training state ({str(e).strip().splitlines()[0][:200]}); "
-                 "move it away to start this stage over")
+        raise TrainingError(f"{path}: not a readable training state ({first_line(e)}); "
+                            "move it away to start this stage over") from None
 
 
 def check_resumable(path, saved, current):
@@ -55,7 +57,7 @@ def check_resumable(path, saved, current):
     diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} here" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        sys.exit(f"error: {path} does not fit this run: " + "; ".join(diffs[:3]) + more)
+        raise TrainingError(f"{path} does not fit this run: " + "; ".join(diffs[:3]) + more)
 
 
 def trim_log(path, stage, step):
@@ -72,21 +74,78 @@ def trim_log(path, stage, step):
         write_atomic(path, lambda out: out.write(kept))
 
 
-def resume(cfg, stage, s, state_path, signature, say):
-    """Load --resume's state into the stage's parts (refusing another model's); returns (step, log window)."""
-    state = load_state(state_path)
-    check_resumable(state_path, json.loads(state["signature"]), signature)
-    if set(state["model"]) != {n for n, p in s.model.named_parameters() if p.requires_grad}:
-        sys.exit(f"error: {state_path}: its trainable weights do not match this run's model")
+def load_into(stage, path, signature, cfg, say):
+    """Load the state file into train.Stage `stage`, refusing another model's; returns (step, the open log
+    window's state or None)."""
+    state = load_state(path)
+    check_resumable(path, json.loads(state["signature"]), signature)
+    if set(state["model"]) != {n for n, p in stage.model.named_parameters() if p.requires_grad}:
+        raise TrainingError(f"{path}: its trainable weights do not match this run's model")
     old = json.loads(state["config"])
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in old and old[k] != v and k != "resume"]
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
-    s.model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
-    s.optimizer.load_state_dict(state["optimizer"])
-    for name in ("target", "discriminator", "d_optimizer"):
-        if name in state and getattr(s, name) is not None:  # a discriminator's optimizer only while --gan-weight > 0
-            getattr(s, name).load_state_dict(state[name])
-    say(f"resumed stage {stage} at step {state['step']} from {state_path}")
+    stage.model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
+    stage.optimizer.load_state_dict(state["optimizer"])
+    for name in OPTIONAL_PARTS:
+        if name in state and getattr(stage, name) is not None:  # either side may be without a d_optimizer
+            getattr(stage, name).load_state_dict(state[name])
+    say(f"resumed stage {stage.number} at step {state['step']} from {path}")
     return state["step"], state.get("window")
+
+
+class Checkpoints:
+    """The checkpoints of train.Stage `stage` in --out-dir: the model file stage{N}.safetensors, then the training
+    state stage{N}_state.pt, which commits the checkpoint, so that a failed or killed write leaves the last one
+    intact. Rank 0 writes; every rank learns whether that worked."""
+
+    def __init__(self, cfg, stage, ranks):
+        self.cfg, self.stage, self.ranks = cfg, stage, ranks
+        self.model_path = os.path.join(cfg.out_dir, f"stage{stage.number}.safetensors")
+        self.state_path = os.path.join(cfg.out_dir, f"stage{stage.number}_state.pt")
+        self.signature = model_signature(cfg, stage.model)
+        self.saved_step = None
+
+    def resume(self, say):
+        """(step, log window) to go on from: the state file's with --resume (when there is one), else (0, empty)."""
+        if not (self.cfg.resume and os.path.exists(self.state_path)):
+            return 0, LogWindow()
+        self.saved_step, window = load_into(self.stage, self.state_path, self.signature, self.cfg, say)
+        return self.saved_step, LogWindow(window)
+
+    def save(self, step, window):
+        """Write the checkpoint of `step`; a failed write raises TrainingError, naming the step still saved."""
+        error = None
+        if self.ranks.rank == 0:
+            try:
+                self.write_model(step)
+                save_state(self.state_path, self.state(step, window))
+            except OSError as e:
+                error = first_line(e)
+        if self.ranks.any(error is not None):
+            kept = (f"{self.state_path} still holds step {self.saved_step}" if self.saved_step is not None
+                    else "no earlier checkpoint of this stage")
+            what = f"could not save the stage {self.stage.number} checkpoint of step {step}"
+            raise TrainingError(f"{what} ({error}); {kept}" if self.ranks.rank == 0 else f"rank 0 {what}; {kept}")
+        self.saved_step = step
+
+    def write_model(self, step):
+        """The tiny preset's whole model, or the sd21 preset's LoRA; the metadata holds the run's config."""
+        extra = {"stage": self.stage.number, "step": step, "train_config": dataclasses.asdict(self.cfg)}
+        if self.cfg.preset == "tiny":
+            self.stage.model.save(self.model_path, extra)
+        else:
+            self.stage.model.save_lora(self.model_path, self.cfg.lora_rank, self.cfg.vae_lora_rank, extra)
+
+    def state(self, step, window):
+        """What the state file holds (see the top of this file)."""
+        stage = self.stage
+        state = {"step": step, "signature": json.dumps(self.signature),
+                 "config": json.dumps(dataclasses.asdict(self.cfg)),
+                 "model": {n: p.detach().cpu() for n, p in stage.model.named_parameters() if p.requires_grad},
+                 "optimizer": stage.optimizer.state_dict(), "window": window.state_dict()}
+        for name in OPTIONAL_PARTS:
+            if getattr(stage, name) is not None:
+                state[name] = getattr(stage, name).state_dict()
+        return state

@@ -45,12 +45,12 @@ def read_state_dict(path, prefix=None):
             with safe_open(path, framework="pt") as f:  # the header lists the names; tensors load on demand
                 return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     if path.endswith(PICKLE_SUFFIXES):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as e:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError...)
-            raise WeightsError(f"{path}: not a readable weights-only torch file ({_first_line(e)})") from None
+            raise WeightsError(f"{path}: not a readable weights-only torch file ({first_line(e)})") from None
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -76,7 +76,7 @@ def read_metadata(path):
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def read_json(path):
@@ -87,7 +87,7 @@ def read_json(path):
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: not a readable JSON file ({first_line(e)})") from None
 
 
 def check_state_dict(module, state_dict, source, max_listed=5):
@@ -156,6 +156,7 @@ def fsync_and_rename(tmp, path):
         os.close(dir_fd)
 
 
-def _first_line(error):
+def first_line(error):
+    """The first line of an exception's message (at most 200 characters), for one-line errors that quote it."""
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+import degradations
 from degradations import (add_gaussian_noise, add_poisson_noise, degrade_bicubic, degrade_realesrgan, filter2d,
                           gaussian_kernel, generalized_gaussian_kernel, jpeg, plateau_kernel, random_blur_kernel,
                           sinc_kernel)
@@ -242,3 +243,25 @@ def test_real_photo_is_degraded_beyond_bicubic():
     # yet still a picture of the same content: the coarse structure survives
     assert mean(content_errors) < 0.6 * mean(distances)
 
+
+
+def test_mixed_degradation_draws_each_kind_at_its_rate(monkeypatch):
+    from degradations import MIX_PROBS, degrade_mixed
+    hr = torch.rand(3, 64, 64)
+    assert torch.equal(degrade_mixed(hr, 4, torch.Generator().manual_seed(5)),
+                       degrade_mixed(hr, 4, torch.Generator().manual_seed(5)))
+    calls = []
+    monkeypatch.setattr(degradations, "degrade_realesrgan", lambda x, s, g: calls.append("realesrgan") or x[:, ::s, ::s])
+    monkeypatch.setattr(degradations, "jpeg", lambda x, q: calls.append(f"jpeg{q}") or x)
+    kinds = []
+    for seed in range(400):
+        calls.clear()
+        lr = degrade_mixed(hr, 4, torch.Generator().manual_seed(seed))
+        assert lr.shape == (3, 16, 16)
+        kinds.append(calls[0] if calls else "bicubic")
+    assert set(kinds) == {"realesrgan", "bicubic"} | {f"jpeg{q}" for q in range(40, 96) if f"jpeg{q}" in kinds}
+    qualities = [int(k[4:]) for k in kinds if k.startswith("jpeg")]
+    assert min(qualities) >= 40 and max(qualities) <= 95 and max(qualities) - min(qualities) > 40
+    shares = {"bicubic": kinds.count("bicubic"), "bicubic_jpeg": len(qualities), "realesrgan": kinds.count("realesrgan")}
+    for kind, p in MIX_PROBS.items():
+        assert abs(shares[kind] / len(kinds) - p) < 0.07, shares

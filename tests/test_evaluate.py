@@ -130,6 +130,7 @@ def test_cli_writes_json_lists_missing_and_fails_on_size_mismatch(folders, tmp_p
     assert result["mean"]["psnr_y"] == float("inf")
     assert result["mean"]["ssim_y"] == pytest.approx((row_a["ssim_y"] + 1.0) / 2, abs=1e-12)
     assert result["mean"]["lpips"] is None and row_a["dists"] is None
+    assert row_a["niqe"] is None and any(n.startswith("a: no NIQE") for n in result["notes"])  # 64x48 < 193 px
     assert len(result["errors"]) == 1 and "c:" in result["errors"][0] and "60x48" in result["errors"][0]
     assert sorted(os.path.basename(line) for line in result["missing"]) == ["d.png", "e.png"]
     assert any("LPIPS off" in n and "--lpips-vgg" in n for n in result["notes"])
@@ -147,7 +148,7 @@ def test_cli_rejects_unknown_flags_and_requires_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--sr", str(tmp_path), "--gt", str(tmp_path), "--psnr-crop", "4"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --psnr-crop" in capsys.readouterr().err
-    assert main(["--sr", str(tmp_path)]) == 2
+    assert main(["--gt", str(tmp_path)]) == 2
     assert main(["--sr", str(tmp_path / "nowhere"), "--gt", str(tmp_path)]) == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
 

@@ -14,12 +14,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import clip
 import lora
 from flowsr import FLOWSR_PROMPT, FLOWSR_PROMPT_IDS, UNET_LORA_TARGETS, FlowSR, context_cache_key, vae_encoder_targets
-from plumbing.weights import WeightsError
+from plumbing.weights import WeightsError, read_metadata
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 TEXT_WIDTH = 64  # the tiny "SD 2.x" text encoder; its SD 1.x-like sibling is SD1_TEXT_WIDTH wide
@@ -263,7 +263,10 @@ def test_full_checkpoint_round_trip_and_dtype(tmp_path):
     loaded = FlowSR.load(path)
     z = torch.randn(1, 48, 8, 8)
     assert loaded.upsample == "bilinear" and torch.equal(loaded.context, model.context)
-    assert torch.equal(velocity(loaded, z), velocity(model, z))
+    assert loaded.flat_gate == model.flat_gate > 0
+    assert torch.equal(loaded.state_dict()["unet.conv_in.weight"], model.state_dict()["unet.conv_in.weight"])
+    # the same weights in other memory can take other kernel paths: equal up to float rounding
+    assert (velocity(loaded, z) - velocity(model, z)).abs().max() < 1e-5 * velocity(model, z).abs().max()
     half = FlowSR.load(path, dtype=torch.bfloat16)
     assert half.context.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in half.parameters())
 
@@ -300,3 +303,73 @@ def test_full_checkpoint_errors(tmp_path, edit_tensors, edit_config, message):
     bad = rewrite(path, str(tmp_path / "bad.safetensors"), edit_tensors, edit_config)
     with pytest.raises(WeightsError, match=rf"^{re.escape(bad)}: .*{message}"):
         FlowSR.load(bad)
+
+
+# ---- the flat gate of the tiny preset ---------------------------------------------------------------------
+
+def test_detail_gate_keeps_flat_content_exactly_and_opens_on_detail():
+    model = noisy_(FlowSR.tiny())
+    t = torch.tensor([1000.0])
+    flat = model.encode(torch.full((1, 3, 64, 64), 0.3))  # (1, 48, 16, 16)
+    ramp = model.encode(torch.linspace(-0.5, 0.5, 64).expand(1, 3, 64, 64))  # a slope under the contrast k
+    detail = model.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    with torch.no_grad():
+        assert torch.equal(model(flat, t), torch.zeros_like(flat))  # exactly: no texture, no grid on a flat sky
+        assert model.detail_gate(ramp)[..., 4:-4, 4:-4].max() == 0  # a smooth slope is flat too (borders aside)
+        gate = model.detail_gate(detail)
+        assert gate.shape == (1, 1, 16, 16) and gate.min() > 0.9
+        ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0, head=model.head)
+        assert torch.equal(model(detail, t), ungated(detail, t) * gate)
+        assert ungated(flat, t).abs().max() > 1e-3  # without the gate the network does paint the flat image
+
+
+def test_detail_gate_needs_the_pixel_autoencoder():
+    from vae import AutoencoderKL, AutoencoderKLConfig
+    model = FlowSR.tiny()
+    ae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8))
+    with pytest.raises(ValueError, match="flat gate and the pixel head need the pixel autoencoder"):
+        FlowSR(model.unet, ae, model.context, flat_gate=0.01)
+    with pytest.raises(ValueError, match="flat gate and the pixel head need the pixel autoencoder"):
+        FlowSR(model.unet, ae, model.context, head=model.head)
+
+
+# ---- the pixel head of the tiny preset --------------------------------------------------------------------
+
+def test_pixel_head_starts_as_the_plain_unet_and_sees_across_block_borders():
+    model = noisy_(FlowSR.tiny(flat_gate=0.0))
+    head = model.head
+    z, t = torch.randn(1, 48, 8, 8), torch.tensor([1000.0])
+    plain = FlowSR(model.unet, model.ae, model.context)
+    torch.nn.init.zeros_(head.conv2.weight)
+    torch.nn.init.zeros_(head.conv2.bias)
+    with torch.no_grad():
+        assert torch.equal(model(z, t), plain(z, t))  # a zero last layer: training starts from the plain UNet
+        torch.nn.init.normal_(head.conv2.weight)
+        v = plain(z, t)
+        refined = head(v, z)
+        # change one latent pixel: the head's 5 x 5 pixel field reaches into the neighbouring 4 x 4 blocks
+        bumped = v.clone()
+        bumped[:, :, 3, 3] += 1
+        changed = (head(bumped, z) - refined).abs().sum(1)[0]  # (8, 8)
+    assert changed[3, 3] > 0 and changed[3, 4] > 0 and changed[2, 3] > 0 and changed[3, 5] == 0
+
+
+def test_pixel_head_round_trip_and_strict_keys(tmp_path):
+    model = noisy_(FlowSR.tiny())
+    path = str(tmp_path / "tiny.safetensors")
+    model.save(path)
+    loaded = FlowSR.load(path)
+    assert loaded.head.width == model.head.width and torch.equal(loaded.head.conv1.weight, model.head.conv1.weight)
+    plain = FlowSR(model.unet, model.ae, model.context, model.upsample, model.flat_gate)
+    plain.save(str(tmp_path / "plain.safetensors"))
+    assert FlowSR.load(str(tmp_path / "plain.safetensors")).head is None
+    tensors, meta = load_file(path), read_metadata(path)
+    config = json.loads(meta["flowsr_model"])
+    save_file(tensors, str(tmp_path / "no_config.safetensors"),
+              {"flowsr_model": json.dumps({**config, "pixel_head": 0})})
+    with pytest.raises(WeightsError, match="head.conv1.weight"):  # head weights the config does not ask for
+        FlowSR.load(str(tmp_path / "no_config.safetensors"))
+    del tensors["head.conv2.bias"]
+    save_file(tensors, str(tmp_path / "missing.safetensors"), meta)
+    with pytest.raises(WeightsError, match="conv2.bias"):
+        FlowSR.load(str(tmp_path / "missing.safetensors"))

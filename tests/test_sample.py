@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import flowsr
 import sample
 from plumbing.flags import parse
 from evaluate import detail_ratio, psnr_y
@@ -70,7 +71,10 @@ def read(path):
 def run(capsys, *argv):
     """sample.main in-process: (exit code, stdout, stderr lines)."""
     capsys.readouterr()  # drop what came before (other libraries' progress bars)
-    code = sample.main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if "--dtype" not in argv:  # exact comparisons need fp32; --dtype auto has its own tests
+        argv += ["--dtype", "fp32"]
+    code = sample.main(argv)
     out, err = capsys.readouterr()
     return code, out, [line for line in err.splitlines() if line.strip()]
 
@@ -145,7 +149,7 @@ def test_published_checkpoint_parity_with_diffusers_peft_reference(published, tm
     # The numbers themselves, on [0, 1] (measured: max abs diff 8e-6, mean 1e-6; the LoRA merged vs unmerged and
     # another summation order in the UNet and VAE).
     cfg = parse(sample.SampleConfig, ["x", *map(str, argv)])
-    ours = sample.super_resolve(sample.load_model(cfg, torch.device("cpu")), lr, cfg)
+    ours = sample.super_resolve(sample.load_model(cfg, torch.device("cpu"), "fp32"), lr, cfg)
     assert (ours - expected).abs().max() < 5e-5
 
 
@@ -435,7 +439,7 @@ def test_color_fix_modes(models):
     assert (out["adain"].mean((2, 3)) - up.mean((2, 3))).abs().max() < 1e-3
     # wavelet: the low frequencies of the upsampled input (measured mean abs diff 0.0067, against 0.027 without)
     def low_diff(x):
-        return (sample.wavelet_split(x)[1] - sample.wavelet_split(up)[1]).abs().mean()
+        return (flowsr.wavelet_split(x)[1] - flowsr.wavelet_split(up)[1]).abs().mean()
     assert low_diff(out["wavelet"]) < low_diff(out["none"]) / 2
 
 
@@ -468,9 +472,9 @@ def test_tiles_blend_to_the_untiled_result_for_any_tile_size(dtype):
     z = torch.randn(1, 3, 22, 34).to(dtype)
     t = torch.tensor([1000.0])
     model = FlowSR(Pointwise(), FlowSR.tiny().ae, torch.zeros(1, 1, 4))
-    untiled = sample.tiled_velocity(model, z, t, 0, 0)
+    untiled = flowsr.tiled_velocity(model, 0, 0)(z, t)
     for tile, overlap in ((6, 2), (10, 3), (14, 5), (20, 0), (34, 8)):
-        tiled = sample.tiled_velocity(model, z, t, tile, overlap)
+        tiled = flowsr.tiled_velocity(model, tile, overlap)(z, t)
         assert tiled.dtype == dtype and torch.isfinite(tiled).all()
         assert (tiled.float() - untiled.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2e-3)
 
@@ -552,3 +556,37 @@ def test_cli_subprocess(models, tmp_path):
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'bad.png'}: not a readable image (")
     assert read(tmp_path / "good_x4.png")[1] == (48, 48)
+
+
+# ---- --dtype auto -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "fp32")])
+def test_auto_dtype_takes_bf16_only_where_the_cpu_computes_it(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    dtype, why = sample.pick_dtype("auto", torch.device("cpu"))
+    assert dtype == expected and why.startswith(f"dtype {expected}")
+    assert sample.pick_dtype("fp32", torch.device("cpu"))[0] == "fp32"  # an explicit choice stands
+    assert sample.pick_dtype("bf16", torch.device("cpu"))[0] == "bf16"
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")])
+def test_auto_dtype_on_cuda_needs_ampere_or_newer(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert sample.pick_dtype("auto", torch.device("cuda"))[0] == expected
+
+
+def test_cli_says_which_dtype_ran(models, tmp_path, capsys, monkeypatch):
+    lr = write(tmp_path / "lr.png", photo(8, 8))
+    loaded = []
+    real_load = sample.load_model
+    monkeypatch.setattr(sample, "load_model", lambda cfg, device, dtype: loaded.append(dtype) or
+                        real_load(cfg, device, dtype))
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(sample, "native_bf16", lambda device: (native, "a test CPU"))
+        code, out, _ = run(capsys, lr, "-o", tmp_path / f"{expected}.png", "--checkpoint", models.identity,
+                           "--dtype", "auto")
+        assert code == 0 and out.splitlines()[0] == f"dtype {expected} (a test CPU" + \
+            ("; --dtype fp32 for full precision)" if native else ")")
+        assert loaded[-1] == expected

@@ -20,7 +20,9 @@ from data import HRFolderDataset, load_image, to_model
 from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
 from flowsr import UNET_LORA_TARGETS, FlowSR
+from plumbing import training
 from plumbing.weights import read_metadata
+from schedulers import sample_times
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,12 +141,10 @@ def test_stage1_loss_falls_on_a_fixed_batch():
 
 
 def test_batches_and_time_draws_depend_only_on_seed_step_and_rank(photos):
-    cfg = train.parse(train.TrainConfig, args(photos, "unused", steps=4))
     dataset = HRFolderDataset(photos, 32, 4, "realesrgan", seed=0, length=4 * 2 * 2)
 
     def batches(start, rank=0, world=1, workers=0):
-        cfg.num_workers = workers
-        return [(b["hr"], b["lr"]) for b in train.batches(cfg, dataset, start, 4, rank, world)]
+        return [(b["hr"], b["lr"]) for b in training.batches(dataset, 2, start, 4, rank, world, workers)]
     full = batches(0)
     assert len(full) == 4 and full[0][0].shape == (2, 3, 32, 32) and full[0][1].shape == (2, 3, 8, 8)
     assert all(torch.equal(a, b) for x, y in zip(full[2:], batches(2)) for a, b in zip(x, y))  # resumed at step 2
@@ -154,8 +154,7 @@ def test_batches_and_time_draws_depend_only_on_seed_step_and_rank(photos):
     assert torch.equal(rank0[1][1], full[2][1]) and torch.equal(rank1[1][1], full[3][1])
 
     def times(seed=0, stage=1, step=3, rank=0):
-        cfg.seed = seed
-        return train.sample_times(64, 1000, train.step_generator(cfg, stage, step, rank))
+        return sample_times(64, 1000, training.step_generator(seed, stage, step, rank))
     assert torch.equal(times(), times())
     for change in (dict(seed=1), dict(stage=2), dict(step=4), dict(rank=1)):
         assert not torch.equal(times(**change), times())

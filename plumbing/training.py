@@ -1,0 +1,191 @@
+"""The machinery of train.py's loop: what keeps a long run safe, reproducible and readable, not what it learns.
+
+    TrainingError   a run that cannot go on: one line for the user, which train.py prints before it exits
+    Interrupted     SIGINT / SIGTERM ask the loop to save and stop after the current step
+    Ranks           data parallelism under torchrun: the device, "any rank?", the gradient average
+    synced_step     one optimizer step on gradients averaged over the ranks, skipped when not finite
+    warnings_to     warnings (unreadable photos) as "warning: ..." lines
+    batches         the data order: step s of rank r takes fixed items, so a resumed run sees the same batches;
+                    with micro_batches (--grad-accum) and step_generator (the time draws of a step)
+    StepReport      what the micro-batches of one optimizer step report
+    LogWindow       the stats between two log lines, and the loss by time bucket
+"""
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingError(Exception):
+    """A training run that cannot go on; the message is one line."""
+
+
+class Interrupted:
+    """While active, SIGINT / SIGTERM ask the loop to save and stop after the current step (a second SIGINT
+    stops at once); on exit the previous handlers come back."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@dataclass
+class Ranks:
+    """This process's rank of `world` under torchrun (rank 0 of 1 without it), and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device="auto"):
+        """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one; pick the device."""
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        if world > 1:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(rank, world, torch.device(device))
+
+    def autocast(self):
+        """bfloat16 mixed precision on CUDA; full precision elsewhere."""
+        return torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def any(self, flag):
+        """Whether `flag` is true on any rank; the same answer on every rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value)
+        return value.item() > 0
+
+    def average_gradients(self, params):
+        """Each rank has the gradients of its own batch; one all_reduce averages them."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world > 1 and grads:
+            buffer = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(buffer)
+            buffer /= self.world
+            for g, chunk in zip(grads, buffer.split([g.numel() for g in grads])):
+                g.copy_(chunk.view_as(g))
+
+
+def synced_step(optimizer, ranks, max_norm=0.0, finite=True):
+    """Average the gradients over the ranks, clip their norm to max_norm (0: no clipping) and step, unless a
+    loss (`finite` false on any rank) or the gradient is not finite: then nothing is updated. Returns the
+    gradient norm, or None for a skipped step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ranks.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    if ranks.any(not finite) or not torch.isfinite(grad_norm):  # the norm is the same on all ranks
+        return None
+    optimizer.step()
+    return grad_norm.item()
+
+
+@contextlib.contextmanager
+def warnings_to(say):
+    """Each warning raised inside becomes one line said as "warning: ...", also when an exception ends it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                say(f"warning: {warning.message}")
+
+
+def batches(dataset, batch_size, start_step, total_steps, rank, world, num_workers):
+    """Item n of the dataset is fully determined by (seed, n), and step s of rank r takes the items
+    s * B * world + r * B + [0, B): resuming at any step gives the same batches."""
+    order = [step * batch_size * world + rank * batch_size + j
+             for step in range(start_step, total_steps) for j in range(batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
+                                       num_workers=num_workers, worker_init_fn=ignore_signals)
+
+
+def micro_batches(batch, n, device):
+    """The step's batch in n equal slices (--grad-accum): (x_hr, x_lr) pairs on the device."""
+    size = len(batch["hr"]) // n
+    for k in range(n):
+        part = slice(k * size, (k + 1) * size)
+        yield batch["hr"][part].to(device), batch["lr"][part].to(device)
+
+
+def step_generator(seed, stage, step, rank):
+    """The generator of a step's time draws (and perturbation): a pure function of (seed, stage, step, rank)."""
+    key = hashlib.blake2b(f"{seed}/{stage}/{step}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+@dataclass
+class StepReport:
+    """One optimizer step of `grad_accum` micro-batches: the mean of their stats, their times t and
+    per-example losses (for the loss by t), and whether every loss was finite."""
+    grad_accum: int
+    stats: dict = field(default_factory=dict)
+    finite: bool = True
+    times: list = field(default_factory=list)
+    per_example: list = field(default_factory=list)
+
+    def add(self, loss, per_example, stats, t):
+        self.finite = self.finite and bool(torch.isfinite(loss))
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value / self.grad_accum
+        self.times.append(t.detach().cpu())
+        self.per_example.append(per_example.detach().float().cpu())
+
+
+class LogWindow:
+    """Sums of the stats since the last log line, and of the per-example loss by t in [0,.25) .. [.75,1].
+    Its state goes into the training state, so that a run resumed inside a window logs the whole window."""
+
+    def __init__(self, state=None):
+        state = state or {"sums": {}, "count": 0, "by_t": torch.zeros(2, 4)}
+        self.sums, self.count, self.by_t = state["sums"], state["count"], state["by_t"]
+
+    def state_dict(self):
+        return {"sums": self.sums, "count": self.count, "by_t": self.by_t}
+
+    def add(self, report):
+        t, per_example = torch.cat(report.times), torch.cat(report.per_example)
+        bucket = (t * 4).clamp(max=3.999).long()
+        self.by_t[0].index_add_(0, bucket, per_example)
+        self.by_t[1].index_add_(0, bucket, torch.ones(len(bucket)))
+        for key, value in report.stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def log(self, stage, step, total, seconds, say, path=None):
+        """Say the window's means (and append them to the JSON-lines file `path`), then start a new window."""
+        means = {k: v / self.count for k, v in self.sums.items()}
+        by_t = (self.by_t[0] / self.by_t[1].clamp(min=1)).tolist()
+        say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
+        if path is not None:
+            with open(path, "a") as f:
+                f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
+        self.__init__()  # a new window

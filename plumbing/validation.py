@@ -1,0 +1,45 @@
+"""The validation grids of train.py: the same held-out crops every time, and what the model makes of them."""
+import os
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid
+
+from data import ImageError, from_model, list_images, load_image, save_image, to_model
+from degradations import degrade_realesrgan
+from flow import sample
+
+
+def validation_batch(folder, crop_size, say, n=4):
+    """(x_hr, x_lr) of the first n photos in folder: center crops, degraded with fixed seeds; None when
+    there is no readable photo."""
+    paths = list_images(folder)[:n] if os.path.isdir(folder) else []
+    x_hrs, x_lrs = [], []
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(path)[0]  # (3, H, W) in [0, 1]
+        except ImageError as e:
+            say(f"warning: skipping {e}")
+            continue
+        size = min(crop_size, *image.shape[1:]) // 16 * 16
+        top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
+        x_hr = image[:, top:top + size, left:left + size]
+        x_hr = F.interpolate(x_hr[None], size=crop_size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+        x_hrs.append(to_model(x_hr))
+        x_lrs.append(to_model(degrade_realesrgan(x_hr, 4, torch.Generator().manual_seed(1000 + i))))
+    if not x_hrs:
+        say(f"no validation grids: no readable photos in {folder}")
+        return None
+    return torch.stack(x_hrs), torch.stack(x_lrs)  # (B, 3, S, S), (B, 3, S/4, S/4)
+
+
+@torch.no_grad()
+def save_validation_grid(model, val, path):
+    """Rows of up(x_LR) | one-step output | x_HR, made in eval mode; the model is left in train mode."""
+    model.eval()
+    x_hr, x_lr = (x.to(model.context.device) for x in val)
+    up = model.upsample_lr(x_lr)
+    sr = model.decode(sample(model, model.encode(up), None, torch.tensor([1.0, 0.0]))).clamp(-1, 1)
+    rows = torch.stack([up, sr, x_hr], dim=1).flatten(0, 1)  # (3B, 3, H, W)
+    save_image(make_grid(from_model(rows), nrow=3, padding=2), path)
+    model.train()
