@@ -18,6 +18,10 @@ where t_{n-1} = 0, the boundary condition f(z, 0) = z makes the target z_hat its
 ground_truth_at_zero the target there is the ground-truth z_H instead (our reading of the paper).
 d is pseudo-Huber or l2. The distilled model samples in one step with flow.sample and
 sigmas [1, 0]: z_H_hat = z_L - v_theta(z_L, 1).
+
+The teacher and the target may run on their own LR latent z_L' (z_L_teacher): then z_hat starts from
+(1 - t_n) z_H + t_n z_L', a point of the path the teacher was trained on, while the student keeps its own
+z_tn (train.py --stage2-encoder train-teacher-stage1).
 """
 import torch
 
@@ -28,7 +32,9 @@ from flow import endpoint, expand_time, interpolate, mse_per_sample
 def update_ema(target, online, decay):
     """target <- decay * target + (1 - decay) * online, parameter by parameter; buffers are copied.
 
-    decay = 0 copies the online weights: the target is then a stop-gradient of the current student.
+    target and online: two modules of one architecture, or two lora.AdapterViews of one model (a LoRA student's
+    EMA is an EMA of its adapter: the base weights are the same for both). decay = 0 copies the online
+    weights: the target is then a stop-gradient of the current student.
     """
     for p_target, p_online in zip(target.parameters(), online.parameters(), strict=True):
         p_target.mul_(decay).add_(p_online, alpha=1 - decay)
@@ -74,18 +80,20 @@ class ConsistencyFlowDistillation:
             return pseudo_huber(a, b, self.huber_c)
         return mse_per_sample(a, b)
 
-    def loss(self, student, teacher, target, x_hr, z_H, z_L, t_n, t_prev, context, generator=None):
+    def loss(self, student, teacher, target, x_hr, z_H, z_L, t_n, t_prev, context, generator=None, z_L_teacher=None):
         """Returns (loss scalar, per-example loss (B,) detached, stats dict of floats, x_pred).
 
-        x_pred = D(f_theta(z_tn, t_n) / s), (B, 3, H, W), carries the student's gradient so that
-        train.py can add its GAN and image-quality losses. Only the student receives gradients.
+        student, teacher, target: velocity networks net(z, 1000 t, context). z_L_teacher: the LR latent of the
+        teacher's path (default z_L). x_pred = D(f_theta(z_tn, t_n) / s), (B, 3, H, W), carries the student's
+        gradient so that train.py can add its GAN and image-quality losses. Only the student receives gradients.
         """
-        z_tn = interpolate(z_H, z_L, t_n)
-        if self.perturb_std > 0:
-            noise = torch.randn(z_tn.shape, generator=generator).to(z_tn)  # drawn on the CPU: same noise on any device
-            z_tn = z_tn + self.perturb_std * noise
+        noise = 0.0
+        if self.perturb_std > 0:  # drawn on the CPU: the same noise on any device
+            noise = self.perturb_std * torch.randn(z_H.shape, generator=generator).to(z_H)
+        z_tn = interpolate(z_H, z_L, t_n) + noise
         with torch.no_grad():
-            z_hat = z_tn - expand_time(t_n - t_prev, z_tn) * teacher(z_tn, 1000 * t_n, context)
+            z_tn_teacher = z_tn if z_L_teacher is None else interpolate(z_H, z_L_teacher, t_n) + noise
+            z_hat = z_tn_teacher - expand_time(t_n - t_prev, z_tn) * teacher(z_tn_teacher, 1000 * t_n, context)
             target_f = endpoint(target, z_hat, t_prev, context)  # equals z_hat where t_prev = 0
             if self.ground_truth_at_zero:
                 target_f = torch.where(expand_time(t_prev == 0, z_H), z_H, target_f)

@@ -94,22 +94,6 @@ def ssim_y(sr, gt):
     return ssim_map.mean((1, 2, 3))
 
 
-def detail_ratio(sr, gt):
-    """(B,) energy of the fine detail of SR over that of GT: 1 = as much, < 1 = smoother, > 1 = more (noise too).
-
-    Not a quality score but a position on the perception-distortion trade-off (Blau and Michaeli 2018):
-    the PSNR-optimal estimate is the posterior mean, which is blurry, so a method that scores higher PSNR
-    by averaging shows a lower ratio. Detail = Y minus its Gaussian blur (SSIM's 11x11, sigma 1.5 window).
-    """
-    y_sr, y_gt = _y_pair(sr, gt)
-    window = gaussian_window(device=y_sr.device)
-
-    def high_pass(img):  # (B, 1, H, W) -> (B, 1, H, W)
-        padded = F.pad(img, (5, 5, 5, 5), mode="replicate")
-        return img - F.conv2d(F.conv2d(padded, window.view(1, 1, -1, 1)), window.view(1, 1, 1, -1))
-    return high_pass(y_sr).pow(2).mean((1, 2, 3)) / high_pass(y_gt).pow(2).mean((1, 2, 3))
-
-
 def _y_pair(sr, gt):
     if sr.shape != gt.shape:
         raise ValueError(f"SR {tuple(sr.shape)} and GT {tuple(gt.shape)} differ in shape")

@@ -43,8 +43,8 @@ FLOWSR_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus,
 FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268, 16157, 2867, 593, 8157,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
-TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead (0: none)
-TINY_FLAT_GATE = 0.01  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
+TINY_DEGRID = 3  # neighbourhood in latent pixels of FlowSR.remove_block_grid (0: off)
+TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
 
 # LoRA targets of the sd21 preset: every conv / attention / feed-forward layer of the UNet (the choice of
 # OSEDiff-style one-step SR fine-tunes), and every layer of the VAE encoder.
@@ -60,45 +60,41 @@ def tiny_unet_config(latent_channels=48, context_dim=32):
                       attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
 
 
-class PixelHead(nn.Module):
-    """The velocity refined on the image grid (tiny preset): v + conv(silu(conv([v, x]))), in pixels.
-
-    With the pixel autoencoder each latent pixel holds a 4 x 4 block of the image in its channels, so the UNet's
-    last convolution writes every block on its own, and small disagreements between neighbouring blocks show as
-    a 4-pixel grid. Two 3 x 3 convolutions on the image grid see across the block borders. The last one starts
-    at zero, so training starts from the plain UNet.
-    """
-
-    def __init__(self, factor=4, channels=3, width=32):
-        super().__init__()
-        self.factor, self.width = factor, width
-        self.conv1 = nn.Conv2d(2 * channels, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, v, z):
-        v, x = F.pixel_shuffle(v, self.factor), F.pixel_shuffle(z, self.factor)  # (B, 3, H, W) each
-        v = v + self.conv2(F.silu(self.conv1(torch.cat([v, x], 1))))
-        return F.pixel_unshuffle(v, self.factor)  # (B, 48, H/4, W/4)
-
-
 class FlowSR(nn.Module):
-    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, head=None):
+    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, degrid=0):
         super().__init__()
-        if (flat_gate or head is not None) and not isinstance(ae, PixelAutoencoder):
-            raise ValueError("FlowSR: the flat gate and the pixel head need the pixel autoencoder (its latent is "
+        if (flat_gate or degrid) and not isinstance(ae, PixelAutoencoder):
+            raise ValueError("FlowSR: the flat gate and the grid removal need the pixel autoencoder (its latent is "
                              "the image)")
-        self.unet, self.ae, self.upsample, self.flat_gate, self.head = unet, ae, upsample, flat_gate, head
+        self.unet, self.ae, self.upsample, self.flat_gate, self.degrid = unet, ae, upsample, flat_gate, degrid
         self.register_buffer("context", context, persistent=False)  # (1, L, D)
 
     def forward(self, z, timesteps, context=None):
         """The velocity v(z, t, c): the `net` that flow.py and consistency.py call."""
         context = self.context if context is None else context
         v = self.unet(z, timesteps, context.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, C, h, w)
-        if self.head is not None:
-            v = self.head(v, z)
+        if self.degrid:
+            v = self.remove_block_grid(v)
         return v * self.detail_gate(z) if self.flat_gate else v
+
+    def remove_block_grid(self, v):
+        """v minus its part that repeats with the autoencoder's block period (tiny preset).
+
+        With the pixel autoencoder each latent pixel holds a 4 x 4 block of the image in its channels, one per
+        position in the block. The UNet writes every block separately, and its errors repeat from block to
+        block as a 4-pixel grid. In the image, the grid is what a 4 x 4 box filter removes (it averages one
+        period) and what stays the same from block to block: so the residual of that filter, averaged over
+        `degrid` x `degrid` neighbouring blocks position by position, is the grid, and it is subtracted.
+        Slopes pass the box filter and detail changes from block to block: both are kept.
+        """
+        f = self.ae.factor
+        x = F.pixel_shuffle(v, f)  # (B, 3, H, W)
+        smooth = F.avg_pool2d(F.pad(x, ((f - 1) // 2, f // 2) * 2, mode="replicate"), f, 1)  # (B, 3, H, W)
+        residual = F.pixel_unshuffle(x - smooth, f)  # (B, 48, h, w)
+        grid = F.avg_pool2d(residual, self.degrid, 1, self.degrid // 2, count_include_pad=False)
+        b, c, h, w = grid.shape
+        by_position = grid.view(b, self.ae.channels, f * f, h, w)  # (B, 3, 16, h, w)
+        return v - (by_position - by_position.mean(2, keepdim=True)).reshape(b, c, h, w)
 
     def detail_gate(self, z):
         """g = d / (d + k) in [0, 1): 0 where the image is flat, near 1 where it has detail (tiny preset).
@@ -117,6 +113,14 @@ class FlowSR(nn.Module):
     @property
     def scale(self):
         return self.ae.scaling_factor
+
+    @property
+    def default_tile_size(self):
+        """Latent tile size of the velocity network: SD's 96 (the published code), 256 (1024 px) for the tiny model.
+
+        Tiles only bound memory, and they cost quality: each latent pixel then follows mostly the tile whose
+        centre is nearest, so seams run half-way between tile centres. The tiny model needs none below 1024 px."""
+        return 96 if isinstance(self.ae, AutoencoderKL) else 256
 
     @property
     def pad_multiple(self):
@@ -140,21 +144,15 @@ class FlowSR(nn.Module):
 
     def config_dict(self):
         return {"unet": self.unet.config.to_dict(), "autoencoder": self.ae.to_dict(), "upsample": self.upsample,
-                "flat_gate": self.flat_gate, "pixel_head": self.head.width if self.head is not None else 0}
+                "flat_gate": self.flat_gate, "degrid": self.degrid}
 
     # ---- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, pixel_head=TINY_PIXEL_HEAD):
+    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, degrid=TINY_DEGRID):
         ae = PixelAutoencoder()
         config = tiny_unet_config(ae.latent_channels)
-        head = cls.make_head(ae, pixel_head)
-        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, head)
-
-    @staticmethod
-    def make_head(ae, width):
-        """The PixelHead of `width` hidden channels for the pixel autoencoder `ae`, or None for width 0."""
-        return PixelHead(ae.factor, ae.channels, width) if width else None
+        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, degrid)
 
     @classmethod
     def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None):
@@ -311,14 +309,15 @@ def color_fix(result, reference, mode):
 
 
 @torch.no_grad()
-def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None, tile_size=96, tile_overlap=32,
+def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None, tile_size=None, tile_overlap=32,
                   vae_tile_size=768, posterior="mean", generator=None, progress=False, sigmas=None):
     """lr: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1].
 
     steps = 1 is one-step SR (sigmas [1, 0]); more steps follow the shifted grid of schedulers.py, or the
     times in `sigmas` when given (from 1 down to 0).
     upsample overrides the model's up(x_LR) mode; posterior "sample" draws z_L from the VAE posterior
-    (the published code) instead of taking its mean; vae_tile_size and tile_size 0 switch tiling off.
+    (the published code) instead of taking its mean; vae_tile_size and tile_size 0 switch tiling off, and
+    tile_size None takes the model's own (FlowSR.default_tile_size).
     """
     device, dtype = model.context.device, model.context.dtype
     up = model.upsample_lr(lr * 2 - 1, upsample)  # (B, 3, H, W) in [-1, 1]
@@ -331,6 +330,7 @@ def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None,
     ae_tile = vae_tile_size or None
     z_L = model.encode(x, tile_size=ae_tile, posterior=posterior, generator=generator)  # (B, C, H/f, W/f)
     sigmas = flow_match_sigmas(steps, shift) if sigmas is None else sigmas
+    tile_size = model.default_tile_size if tile_size is None else tile_size
     z_H = sample(tiled_velocity(model, tile_size, tile_overlap, progress), z_L, None, sigmas)
     decode_tile = ae_tile // model.ae.downscale if ae_tile else None
     sr = model.decode(z_H, tile_size=decode_tile).clamp(-1, 1)[:, :, :H, :W].float()  # (B, 3, H, W)

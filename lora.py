@@ -15,6 +15,10 @@ A target name matches a module when it equals the module's dotted name or is a d
 ("to_out.0" matches "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"); a single string
 instead of a list is a regular expression that must match the whole name (PEFT's rule too).
 
+A layer can hold several adapters over its one base weight (PEFT's <module>.lora_A.<adapter>.weight); one is
+active at a time. Stage 2 of FlowSR keeps its frozen teacher and its EMA target as two more adapters of the
+student's model (add_adapter, AdapterView): three networks, one copy of the base weights (SPEC section 3).
+
 The published FlowSR checkpoint (SPEC section 8) is one .safetensors file holding the LoRA of the
 UNet and of the VAE encoder. Its metadata key "flowsr_checkpoint_metadata" is JSON
     {"fields": {"unet_rank", "unet_lora_target_modules", "vae_rank", "vae_lora_target_modules",
@@ -24,6 +28,7 @@ where stored_name is the tensor's name in the file and key its state-dict key in
 Files written here store tensors as "unet.<key>" and "vae.<key>"; reading accepts any stored names.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -69,7 +74,7 @@ class LoRALayer(nn.Module):
         self.scale = alpha / rank
         self.disabled = False
 
-    def forward(self, x):
+    def forward(self, x):  # with the adapter `self.adapter` (the active one)
         out = self.base_layer(x)
         if self.disabled:
             return out
@@ -120,9 +125,11 @@ def inject_lora(model, target_modules, rank, alpha=DEFAULT_ALPHA, adapter="defau
     return names
 
 
-def lora_parameters(model):
-    """The A and B weights of every LoRA wrapper (what an optimizer trains)."""
-    return [p for _, layer in lora_layers(model) for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())]
+def lora_parameters(model, adapter=None):
+    """The A and B weights of every LoRA wrapper, layer by layer: those of `adapter`, by default of the active
+    adapter (what an optimizer trains)."""
+    return [p for _, layer in lora_layers(model) for part in (layer.lora_A, layer.lora_B)
+            for p in part[adapter or layer.adapter].parameters()]
 
 
 def mark_only_lora_trainable(model, train_modules=()):
@@ -135,7 +142,7 @@ def mark_only_lora_trainable(model, train_modules=()):
 
 
 def lora_state_dict(model):
-    """The LoRA weights plus every other trainable parameter, under their PEFT / diffusers keys."""
+    """The active adapter's LoRA weights plus every other trainable parameter, under their PEFT / diffusers keys."""
     lora_ids = {id(p) for p in lora_parameters(model)}
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad or id(p) in lora_ids}
 
@@ -180,6 +187,74 @@ def lora_disabled(model):
     finally:
         for layer, was_disabled in zip(layers, previous):
             layer.disabled = was_disabled
+
+
+def add_adapter(model, name, source="default"):
+    """Give every LoRA layer of ``model`` a frozen copy of its adapter ``source`` named ``name``; the base weights
+    stay shared. Its weights are <module>.lora_A.<name>.weight and <module>.lora_B.<name>.weight (PEFT's keys)."""
+    for layer_name, layer in lora_layers(model):
+        if name in layer.lora_A:
+            raise ValueError(f"{layer_name} already has a LoRA adapter {name!r}")
+        for part in (layer.lora_A, layer.lora_B):
+            part[name] = copy.deepcopy(part[source]).requires_grad_(False)
+
+
+@contextlib.contextmanager
+def adapter_active(model, name):
+    """Inside this block every LoRA layer of ``model`` computes with its adapter ``name``."""
+    layers = [layer for _, layer in lora_layers(model)]
+    missing = [layer_name for layer_name, layer in lora_layers(model) if name not in layer.lora_A]
+    if missing:
+        raise ValueError(f"no LoRA adapter {name!r} in {_listed(missing)}")
+    previous = [layer.adapter for layer in layers]
+    for layer in layers:
+        layer.adapter = name
+    try:
+        yield model
+    finally:
+        for layer, adapter in zip(layers, previous):
+            layer.adapter = adapter
+
+
+class AdapterView:
+    """``model`` with its LoRA adapter ``adapter`` active, called without gradients: a second network that owns only
+    its LoRA tensors and shares every base weight with ``model``. Stage 2's frozen teacher and its EMA target are
+    such views of the student (SPEC 3: both are stop-gradient, sg[.]); the student is the model itself.
+
+    Switching adapters only inside no-grad calls also keeps gradient checkpointing right: its recomputation in
+    backward runs with the student's adapter, the one active outside these calls.
+    """
+
+    def __init__(self, model, adapter):
+        self.model, self.adapter = model, adapter
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), adapter_active(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        """The adapter's A and B weights, layer by layer (consistency.update_ema pairs two views by this order)."""
+        return iter(lora_parameters(self.model, self.adapter))
+
+    def buffers(self):
+        return iter(())  # the buffers belong to the shared base: nothing of them is this view's own
+
+    def state_dict(self):
+        """{<module>.lora_{A,B}.<adapter>.weight: tensor}: all a checkpoint needs to rebuild this view."""
+        return {f"{name}.{part}.{self.adapter}.weight": getattr(layer, part)[self.adapter].weight.detach()
+                for name, layer in lora_layers(self.model) for part in ("lora_A", "lora_B")}
+
+    def load_state_dict(self, state_dict):
+        """Copy the tensors of a state_dict() of the same adapter in; any other key set or shape is refused."""
+        own = self.state_dict()
+        unknown, missing = sorted(state_dict.keys() - own.keys()), sorted(own.keys() - state_dict.keys())
+        mismatched = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+        if unknown or missing or mismatched:
+            raise ValueError(f"LoRA adapter {self.adapter!r} does not fit: unknown {_listed(unknown) or 'none'}; "
+                             f"missing {_listed(missing) or 'none'}; shape mismatch {_listed(mismatched) or 'none'}")
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state_dict[key])
 
 
 def _check_fields(fields, path):

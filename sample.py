@@ -4,12 +4,11 @@
     python sample.py shots/ -o out/ --compare       # a folder; also writes side-by-side comparisons
     python sample.py in.png --base SD21_DIR --checkpoint flowsr.safetensors   # the published weights
     python sample.py in.png --checkpoint runs/x/final.safetensors            # any train.py model
+    torchrun --nproc_per_node=4 sample.py shots/ -o out/                     # a folder split over 4 processes
 
-The pipeline follows the published FlowSR inference code (SPEC 7): x = up(x_LR) in [-1, 1],
-reflect-padded to what the networks divide by; z_L = s * E(x) (posterior mean by default);
-z_H_hat = z_L - v(z_L, 1000, c) (or N Euler steps on the shifted grid); x_SR = clamp(D(z_H_hat / s));
-crop; wavelet colour correction against up(x_LR). Latents larger than one tile are processed in
-tiles blended with Gaussian weights, and the VAE runs tiled, so memory stays bounded.
+The pipeline is flowsr.super_resolve: up(x_LR) -> z_L = s * E(x) -> flow.sample (one Euler step, or N on
+the shifted grid) -> D(z_H / s) -> colour fix, following the published FlowSR inference code (SPEC 7).
+This file is the command line around it: files in and out, flags, errors, and torchrun.
 
 Files: any image Pillow reads (EXIF orientation applied; 16-bit, grayscale, palette and CMYK become
 8-bit RGB). Transparency is not super-resolved: the alpha channel is upscaled on its own (bicubic) and
@@ -24,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -31,7 +31,7 @@ import flowsr
 from data import IMAGE_EXTENSIONS, SAVE_FORMATS, ImageError, list_images, load_image, save_image
 from flowsr import FlowSR
 from plumbing.flags import describe, flag, parse
-from plumbing.weights import WeightsError
+from plumbing.weights import WeightsError, first_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "models", "flowsr-tiny.safetensors")
@@ -58,7 +58,8 @@ class SampleConfig:
                           choices=("wavelet", "adain", "none"))
     upsample: str = flag("model", "up(x_LR) mode (model: the one it was trained with; published weights: bilinear)",
                          choices=("model", "bilinear", "bicubic"))
-    tile_size: int = flag(96, "latent tile size of the velocity network (0: no tiles)")
+    tile_size: int = flag(-1, "latent tile size of the velocity network (0: no tiles; -1: the model's own, 96 for "
+                          "SD as the published code, 256 for the tiny model)")
     tile_overlap: int = flag(32, "latent tile overlap")
     vae_tile_size: int = flag(768, "largest VAE tile in image pixels; larger images run in equal overlapping tiles "
                                    "(0: no tiles)")
@@ -78,7 +79,8 @@ class SampleConfig:
 def super_resolve(model, lr, cfg, generator=None, progress=False):
     """lr: (1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1], with the options of the command line."""
     return flowsr.super_resolve(model, lr, cfg.steps, cfg.shift, cfg.color_fix,
-                                None if cfg.upsample == "model" else cfg.upsample, cfg.tile_size, cfg.tile_overlap,
+                                None if cfg.upsample == "model" else cfg.upsample,
+                                model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size, cfg.tile_overlap,
                                 cfg.vae_tile_size, cfg.posterior, generator, progress)
 
 
@@ -155,8 +157,8 @@ def check_flags(cfg, n_inputs):
     extension = os.path.splitext(cfg.output)[1].lower()
     if cfg.steps < 1:
         return "--steps must be at least 1"
-    if cfg.tile_size < 0 or cfg.vae_tile_size < 0 or cfg.tile_size and not 0 <= cfg.tile_overlap < cfg.tile_size:
-        return "tile sizes must be >= 0 and --tile-overlap in [0, --tile-size)"
+    if cfg.tile_size < -1 or cfg.vae_tile_size < 0 or cfg.tile_size > 0 and not 0 <= cfg.tile_overlap < cfg.tile_size:
+        return "tile sizes must be >= 0 (--tile-size -1: the model's own) and --tile-overlap in [0, --tile-size)"
     if cfg.max_pixels < 1:
         return "--max-pixels must be positive"
     if extension in IMAGE_EXTENSIONS and extension not in SAVE_FORMATS:
@@ -177,7 +179,7 @@ def check_flags(cfg, n_inputs):
 def check_tiles(cfg, model):
     """Tiles go through the networks whole, so they must divide by what the networks down-sample by."""
     unet_factor = model.pad_multiple // model.ae.downscale
-    if cfg.tile_size % unet_factor:
+    if cfg.tile_size > 0 and cfg.tile_size % unet_factor:
         return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
     if cfg.vae_tile_size % model.ae.downscale:
         return f"--vae-tile-size {cfg.vae_tile_size} must be a multiple of {model.ae.downscale} for this model"
@@ -216,7 +218,8 @@ def load_model(cfg, device, dtype):
 
 
 def one_line(error, path):
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The error's first line, naming the file."""
+    text = first_line(error, limit=None)  # our own messages: whole, they name the file
     return text if path in text else f"{path}: {text}"
 
 
@@ -232,25 +235,31 @@ def main(argv=None):
         return 2
     if cfg.verbose:
         print("config:\n" + describe(cfg))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     device = cfg.device if cfg.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else
+        "mps" if torch.backends.mps.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("gloo")  # only to add up the counts at the end
     try:
         dtype, why = pick_dtype(cfg.dtype, torch.device(device))
         model = load_model(cfg, torch.device(device), dtype)
     except (WeightsError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: e.g. no such GPU (cuda:7)
         print(f"error: {one_line(e, cfg.checkpoint)}", file=sys.stderr)
         return 1
-    if not cfg.quiet:
-        print(why)
+    if not cfg.quiet and rank == 0:
+        print(why + (f"; {world} processes" if world > 1 else ""))
     problem = check_tiles(cfg, model)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     jobs, more_errors = plan_outputs(paths, cfg)
-    errors += more_errors
+    errors = errors + more_errors if rank == 0 else []  # every process plans alike; one reports
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
-    for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2):
+    jobs = jobs[rank::world]  # under torchrun each process takes every world-th image
+    written = 0
+    for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2 or world > 1):
         started = time.perf_counter()
         try:
             process(model, path, out, cfg, progress=cfg.verbose)
@@ -261,9 +270,23 @@ def main(argv=None):
             errors.append(path)
             tqdm.write(f"error: {one_line(e, path)}", file=sys.stderr)
         else:
+            written += 1
             if not cfg.quiet:
                 tqdm.write(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
+    if world > 1:
+        return summarize(written, len(errors), rank, world, cfg.quiet)
     return 1 if errors else 0
+
+
+def summarize(written, failed, rank, world, quiet):
+    """Under torchrun: add up every process's counts; each process exits 1 if any image failed anywhere."""
+    counts = torch.tensor([written, failed])
+    dist.all_reduce(counts)
+    written, failed = counts.tolist()
+    if rank == 0 and not quiet:
+        print(f"{world} processes wrote {written} images" + (f", {failed} failed" if failed else ""))
+    dist.destroy_process_group()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import losses
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import DEGRADATIONS, HRFolderDataset
 from flow import RectifiedSRFlow
-from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
+from flowsr import FLOWSR_PROMPT, TINY_DEGRID, TINY_FLAT_GATE, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
                                 synced_step, warnings_to)
@@ -39,8 +39,9 @@ from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
 
+STAGE2_ENCODER = ("frozen", "train", "train-teacher-stage1")
 PRESETS = {  # what a 0 / "" in the config means for each preset
-    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=2000, stage2_steps=150,
+    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=4000, stage2_steps=150,
                  grad_checkpointing=False, degradation="mixed"),
     "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage2_lr=2e-5, stage1_steps=20000, stage2_steps=20000,
                  grad_checkpointing=True, degradation="realesrgan"),
@@ -70,8 +71,8 @@ class TrainConfig:
     degradation: str = flag("", "how LR inputs are made from HR crops (default: the preset's)",
                             choices=("", *DEGRADATIONS))
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
-    flat_prob: float = flag(0.1, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
-    pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the velocity's PixelHead (0: none)")
+    flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
+    degrid: int = flag(TINY_DEGRID, "tiny: blocks (odd) over which FlowSR.remove_block_grid averages (0: off)")
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
@@ -99,6 +100,9 @@ class TrainConfig:
     prompt: str = flag(FLOWSR_PROMPT, "fixed prompt whose text embedding is the UNet context (sd21)")
     lora_rank: int = flag(4, "LoRA rank on the UNet (sd21)")
     vae_lora_rank: int = flag(4, "LoRA rank on the VAE encoder (sd21; 0: frozen encoder)")
+    stage2_encoder: str = flag("frozen", "sd21 stage 2: the VAE encoder's LoRA stays at its stage-1 weights (frozen), "
+                               "or trains with the teacher on the student's z_L (train) or on the stage-1 "
+                               "encoder's z_L (train-teacher-stage1); SPEC 3", choices=STAGE2_ENCODER)
     grad_checkpointing: str = flag("auto", "gradient checkpointing in the UNet (auto: on for sd21)", choices=("auto", "on", "off"))
     # machinery
     device: str = flag("auto", "auto, cpu, cuda or mps")
@@ -145,7 +149,7 @@ def build_model(cfg, device, init=None):
     """The preset's model (LoRA-injected for sd21): fresh, or the stage-1 model of the checkpoint `init`."""
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
+        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.degrid)
         model.upsample = cfg.upsample
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
@@ -167,14 +171,16 @@ def build_model(cfg, device, init=None):
 
 @dataclass
 class Stage:
-    """The trained model, its objective and optimizer; stage 2 adds the frozen teacher, the EMA target, the
-    discriminator (with an optimizer while --gan-weight > 0) and CLIP-IQA (None when off)."""
+    """The trained model, its objective and optimizer; stage 2 adds the frozen teacher, the EMA target and what
+    it is an EMA of (`online`), the discriminator (with an optimizer while --gan-weight > 0) and CLIP-IQA (None
+    when off). For sd21 the teacher, the target and `online` are LoRA adapters of the one model (lora.AdapterView)."""
     number: int
     model: FlowSR
     objective: RectifiedSRFlow | ConsistencyFlowDistillation
     optimizer: torch.optim.Optimizer  # of the model's trainable weights
-    teacher: FlowSR | None = None
-    target: FlowSR | None = None
+    teacher: FlowSR | lora.AdapterView | None = None
+    target: FlowSR | lora.AdapterView | None = None
+    online: FlowSR | lora.AdapterView | None = None
     discriminator: losses.UNetDiscriminatorSN | None = None
     d_optimizer: torch.optim.Optimizer | None = None
     iqa: losses.CLIPIQALoss | None = None
@@ -229,23 +235,36 @@ def stage1_step(cfg, s, batch, generator, ranks):
 # Stage 2: consistency flow distillation with HR regularization, GAN and CLIP-IQA (SPEC 3-5).
 
 def build_stage2(cfg, device, say):
-    """The student f_theta (the stage-1 model, still trainable), the teacher v_phi (the stage-1 model, frozen,
-    its LoRA merged), the target theta- (an EMA of the student), the discriminator and CLIP-IQA."""
+    """The student f_theta (the stage-1 model, still trainable), the teacher v_phi (the stage-1 model, frozen),
+    the target theta- (an EMA of the student), the discriminator and CLIP-IQA.
+
+    tiny: every weight trains, so the teacher and the target are whole copies of the model. sd21: only the LoRA
+    trains, so they are two more LoRA adapters over the student's one copy of SD 2.1 (lora.AdapterView), and
+    the EMA runs over the student's adapter; with --stage2-encoder frozen the VAE encoder's LoRA stops training.
+    """
     init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
     if not os.path.isfile(init):
         raise TrainingError(f"{init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
     model = build_model(cfg, device, init)
+    if cfg.preset == "tiny":
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        target, online = copy.deepcopy(model).requires_grad_(False), model
+    else:
+        if cfg.stage2_encoder == "frozen":
+            for p in lora.lora_parameters(model.ae):
+                p.requires_grad_(False)
+        for name in ("teacher", "target"):
+            lora.add_adapter(model, name)  # copies of the stage-1 LoRA just loaded
+        teacher, target, online = (lora.AdapterView(model, name) for name in ("teacher", "target", "default"))
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
     distillation = ConsistencyFlowDistillation(model.ae, load_lpips(cfg, device, say), cfg.hr_reg_weight,
                                                cfg.lpips_weight, cfg.distance, cfg.huber_c, cfg.gt_at_zero,
                                                cfg.perturb_std)
-    teacher = lora.merge_lora(copy.deepcopy(model)).requires_grad_(False).eval()
-    target = copy.deepcopy(model).requires_grad_(False)
     discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
     d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
                    if cfg.gan_weight > 0 else None)
     iqa = losses.try_load_clip_iqa(cfg.clip or None, log=say) if cfg.iqa_weight > 0 else None
-    return Stage(2, model, distillation, optimizer, teacher, target, discriminator, d_optimizer,
+    return Stage(2, model, distillation, optimizer, teacher, target, online, discriminator, d_optimizer,
                  iqa.to(device) if iqa is not None else None)
 
 
@@ -257,13 +276,17 @@ def stage2_step(cfg, s, batch, generator, ranks):
     for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
         with ranks.autocast():
             z_H, z_L = latents(s.model, x_hr, x_lr)
+            z_L_teacher = None
+            if cfg.preset == "sd21" and cfg.stage2_encoder == "train-teacher-stage1":
+                with torch.no_grad(), lora.adapter_active(s.model.ae, "teacher"):
+                    z_L_teacher = s.model.encode(s.model.upsample_lr(x_lr))  # the stage-1 encoder's z_L
             t_n, t_prev, _ = sample_adjacent_pairs(len(x_hr), cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
             t_n, t_prev = t_n.to(ranks.device), t_prev.to(ranks.device)  # (b,) each, t_n > t_prev adjacent
             # L = L_CD + lambda_HR L_HR + lambda_GAN L_GAN + lambda_IQA L_IQA (SPEC 5). The distillation gives
             # L_CD + lambda_HR L_HR and x_pred = D(f_theta(z_tn, t_n) / s), which carries the student's gradient
             # into the discriminator's verdict (L_GAN) and CLIP-IQA's (L_IQA).
             loss, per_example, stats, x_pred = s.objective.loss(s.model, s.teacher, s.target, x_hr, z_H, z_L, t_n,
-                                                                t_prev, None, generator)
+                                                                t_prev, None, generator, z_L_teacher)
             if cfg.gan_weight > 0:
                 l_gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
                 loss, stats["gan_g"] = loss + cfg.gan_weight * l_gan, l_gan.item()
@@ -283,7 +306,7 @@ def stage2_step(cfg, s, batch, generator, ranks):
         d_loss.backward()
         synced_step(s.d_optimizer, ranks)
         report.stats["gan_d"] = d_loss.item()
-    update_ema(s.target, s.model, cfg.ema_decay)  # theta- <- mu theta- + (1 - mu) theta
+    update_ema(s.target, s.online, cfg.ema_decay)  # theta- <- mu theta- + (1 - mu) theta
     report.stats["grad_norm"] = grad_norm
     return report
 

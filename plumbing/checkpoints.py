@@ -24,8 +24,6 @@ METADATA_KEY = "flowsr_model"
 def save_full(model, path, extra=None):
     """Every UNet weight, the context, and the model's configs as metadata."""
     tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    if model.head is not None:
-        tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     tensors["context"] = model.context
     save_atomic(tensors, path, {METADATA_KEY: json.dumps({**model.config_dict(), **(extra or {})})})
 
@@ -81,10 +79,9 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
-    width = own.get("pixel_head", 0)
-    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
-        raise WeightsError(f"{path}: pixel_head in metadata must be an integer >= 0, got {width!r}")
-    head = cls.make_head(ae, width)
+    degrid = own.get("degrid", 0)
+    if isinstance(degrid, bool) or not isinstance(degrid, int) or degrid < 0 or degrid and degrid % 2 == 0:
+        raise WeightsError(f"{path}: degrid in metadata must be 0 or an odd positive integer, got {degrid!r}")
     state = read_state_dict(path)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
@@ -93,11 +90,8 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     if context is None or context.dim() != 3 or context.shape[0] != 1 or \
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
-    if head is not None:
-        load_strict(head, {k.removeprefix("head."): state.pop(k) for k in list(state) if k.startswith("head.")}, path)
-        head = head.to(dtype)
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
-    return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate), head)
+    return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate), degrid)
 
 
 def _json_object(text, path):

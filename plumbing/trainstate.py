@@ -3,9 +3,11 @@
 One file per stage (OUT_DIR/stage{1,2}_state.pt, torch.save of tensors and plain values, read back with
 weights_only=True) holds the trainable weights, the optimizer, in stage 2 the EMA target and the
 discriminator, the step and the open log window; the data and time draws of step n are a pure function of
-(seed, stage, n, rank), so nothing else is needed. It is written atomically (weights.write_atomic) and after
-the model file, so it is what commits a checkpoint. A state of another model (preset, sizes, LoRA ranks,
-upsampling) is refused, naming the differences. Every refusal is a one-line TrainingError.
+(seed, stage, n, rank), so nothing else is needed. For the sd21 preset the weights are LoRA tensors only (the
+student's; the target is a LoRA adapter): the base comes from --base and the teacher from the stage-1 file.
+It is written atomically (weights.write_atomic) and after the model file, so it is what commits a checkpoint.
+A state of another model (preset, sizes, LoRA ranks, upsampling) is refused, naming the differences. Every
+refusal is a one-line TrainingError.
 """
 import dataclasses
 import io
@@ -90,7 +92,10 @@ def load_into(stage, path, signature, cfg, say):
     stage.optimizer.load_state_dict(state["optimizer"])
     for name in OPTIONAL_PARTS:
         if name in state and getattr(stage, name) is not None:  # either side may be without a d_optimizer
-            getattr(stage, name).load_state_dict(state[name])
+            try:
+                getattr(stage, name).load_state_dict(state[name])
+            except (ValueError, RuntimeError, KeyError) as e:  # what modules, optimizers and views raise
+                raise TrainingError(f"{path}: its {name} does not fit this run ({first_line(e)})") from None
     say(f"resumed stage {stage.number} at step {state['step']} from {path}")
     return state["step"], state.get("window")
 

@@ -156,7 +156,7 @@ def fsync_and_rename(tmp, path):
         os.close(dir_fd)
 
 
-def first_line(error):
-    """The first line of an exception's message (at most 200 characters), for one-line errors that quote it."""
+def first_line(error, limit=200):
+    """The first line of an exception's message (at most `limit` characters; None: all), for one-line errors."""
     text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
+    return text[0][:limit] if text else type(error).__name__

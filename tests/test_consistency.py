@@ -106,6 +106,44 @@ def test_ground_truth_target_at_zero_with_wrong_teacher():
     torch.testing.assert_close(per_sample, (0.5 * t_n) ** 2)
 
 
+def test_teacher_runs_at_1000_t_n_and_target_at_1000_t_prev():
+    """A teacher whose error grows with the time it is given: v = z_L - z_H + 0.5 tau / 1000. Its Euler step from
+    z_tn at tau = 1000 t_n lands at the path's point at t_prev less 0.5 (t_n - t_prev) t_n; with an exact target
+    and student, L_CD (l2) = (0.5 (t_n - t_prev) t_n)^2. A teacher called at 1000 t_prev, or at t_n on the 0..1
+    scale, gives another loss; the spies pin every network's timesteps as well."""
+    ae, x_hr, z_H, z_L = dyadic_batch()
+    t_n, t_prev = FAST_PAIRS
+    timesteps = {}
+
+    def spy(name, error):
+        def net(z, tau, context):
+            timesteps[name] = tau.clone()
+            return z_L - z_H + error * flow.expand_time(tau / 1000, z)
+        return net
+    objective = consistency.ConsistencyFlowDistillation(ae, distance="l2", hr_reg_weight=0.0,
+                                                        ground_truth_at_zero=False)
+    _, per_sample, _, _ = objective.loss(spy("student", 0.0), spy("teacher", 0.5), spy("target", 0.0), x_hr, z_H, z_L,
+                                         t_n, t_prev, None)
+    torch.testing.assert_close(per_sample, (0.5 * (t_n - t_prev) * t_n) ** 2)
+    assert timesteps.keys() == {"student", "teacher", "target"}
+    for name, t in (("student", t_n), ("teacher", t_n), ("target", t_prev)):
+        assert torch.equal(timesteps[name], 1000 * t), name
+
+
+def test_teacher_on_its_own_lr_latent():
+    """z_L_teacher: the teacher and the target walk the path to z_L', the student stays on its own."""
+    ae, x_hr, z_H, z_L = dyadic_batch()
+    z_L_teacher = z_L + 0.25
+    exact, exact_teacher = velocity(z_H, z_L), velocity(z_H, z_L_teacher)
+    objective = consistency.ConsistencyFlowDistillation(ae, distance="l2", hr_reg_weight=0.0,
+                                                        ground_truth_at_zero=False)
+    args = (x_hr, z_H, z_L, *FAST_PAIRS, None)
+    _, per_sample, _, _ = objective.loss(exact, exact_teacher, exact_teacher, *args, z_L_teacher=z_L_teacher)
+    assert per_sample.eq(0).all()  # both paths end at z_H
+    _, per_sample, _, _ = objective.loss(exact, exact_teacher, exact_teacher, *args)  # the teacher off its path
+    assert per_sample.gt(0).all()
+
+
 def test_hr_regularization_terms_and_weights():
     ae, x_hr, z_H, z_L = dyadic_batch()
     exact, wrong = velocity(z_H, z_L), velocity(z_H, z_L, offset=0.5)

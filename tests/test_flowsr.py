@@ -318,7 +318,7 @@ def test_detail_gate_keeps_flat_content_exactly_and_opens_on_detail():
         assert model.detail_gate(ramp)[..., 4:-4, 4:-4].max() == 0  # a smooth slope is flat too (borders aside)
         gate = model.detail_gate(detail)
         assert gate.shape == (1, 1, 16, 16) and gate.min() > 0.9
-        ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0, head=model.head)
+        ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0, degrid=model.degrid)
         assert torch.equal(model(detail, t), ungated(detail, t) * gate)
         assert ungated(flat, t).abs().max() > 1e-3  # without the gate the network does paint the flat image
 
@@ -327,49 +327,34 @@ def test_detail_gate_needs_the_pixel_autoencoder():
     from vae import AutoencoderKL, AutoencoderKLConfig
     model = FlowSR.tiny()
     ae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8))
-    with pytest.raises(ValueError, match="flat gate and the pixel head need the pixel autoencoder"):
+    with pytest.raises(ValueError, match="flat gate and the grid removal need the pixel autoencoder"):
         FlowSR(model.unet, ae, model.context, flat_gate=0.01)
-    with pytest.raises(ValueError, match="flat gate and the pixel head need the pixel autoencoder"):
-        FlowSR(model.unet, ae, model.context, head=model.head)
 
 
-# ---- the pixel head of the tiny preset --------------------------------------------------------------------
-
-def test_pixel_head_starts_as_the_plain_unet_and_sees_across_block_borders():
-    model = noisy_(FlowSR.tiny(flat_gate=0.0))
-    head = model.head
-    z, t = torch.randn(1, 48, 8, 8), torch.tensor([1000.0])
-    plain = FlowSR(model.unet, model.ae, model.context)
-    torch.nn.init.zeros_(head.conv2.weight)
-    torch.nn.init.zeros_(head.conv2.bias)
-    with torch.no_grad():
-        assert torch.equal(model(z, t), plain(z, t))  # a zero last layer: training starts from the plain UNet
-        torch.nn.init.normal_(head.conv2.weight)
-        v = plain(z, t)
-        refined = head(v, z)
-        # change one latent pixel: the head's 5 x 5 pixel field reaches into the neighbouring 4 x 4 blocks
-        bumped = v.clone()
-        bumped[:, :, 3, 3] += 1
-        changed = (head(bumped, z) - refined).abs().sum(1)[0]  # (8, 8)
-    assert changed[3, 3] > 0 and changed[3, 4] > 0 and changed[2, 3] > 0 and changed[3, 5] == 0
+def test_remove_block_grid_takes_out_what_repeats_from_block_to_block_and_keeps_the_rest():
+    """Over 3 x 3 blocks, the part of the velocity that depends on the position in the block goes."""
+    model = FlowSR.tiny(flat_gate=0.0, degrid=3)
+    smooth = torch.linspace(-1, 1, 48).view(1, 1, 1, 48).expand(1, 3, 48, 48)  # (1, 3, 48, 48) a slope
+    pattern = 0.1 * torch.randn(1, 3, 4, 4)
+    grid = (pattern - pattern.mean((2, 3), keepdim=True)).repeat(1, 1, 12, 12)  # one 4 x 4 pattern in every block
+    dot = torch.zeros(1, 3, 48, 48)
+    dot[:, :, 25, 21] = 1  # one detail, in one block
+    encode, clean = model.ae.encode, model.remove_block_grid
+    inside = (..., slice(2, -2), slice(2, -2))  # the image border is padded: the grid there is not exact
+    assert clean(encode(grid))[inside].abs().max() < 1e-6  # a pure grid goes
+    assert (clean(encode(smooth + grid)) - encode(smooth))[inside].abs().max() < 1e-5  # under a slope too
+    assert (clean(encode(smooth)) - encode(smooth))[inside].abs().max() < 1e-5  # and the slope stays
+    kept = model.ae.decode(clean(encode(dot)))
+    assert kept[0, 0, 25, 21] > 0.85 and (kept - dot).pow(2).sum() < 0.15 * dot.pow(2).sum()  # a lone dot stays
 
 
-def test_pixel_head_round_trip_and_strict_keys(tmp_path):
-    model = noisy_(FlowSR.tiny())
+
+def test_degrid_is_saved_and_checked(tmp_path):
+    model = FlowSR.tiny(degrid=5)
     path = str(tmp_path / "tiny.safetensors")
     model.save(path)
-    loaded = FlowSR.load(path)
-    assert loaded.head.width == model.head.width and torch.equal(loaded.head.conv1.weight, model.head.conv1.weight)
-    plain = FlowSR(model.unet, model.ae, model.context, model.upsample, model.flat_gate)
-    plain.save(str(tmp_path / "plain.safetensors"))
-    assert FlowSR.load(str(tmp_path / "plain.safetensors")).head is None
-    tensors, meta = load_file(path), read_metadata(path)
-    config = json.loads(meta["flowsr_model"])
-    save_file(tensors, str(tmp_path / "no_config.safetensors"),
-              {"flowsr_model": json.dumps({**config, "pixel_head": 0})})
-    with pytest.raises(WeightsError, match="head.conv1.weight"):  # head weights the config does not ask for
-        FlowSR.load(str(tmp_path / "no_config.safetensors"))
-    del tensors["head.conv2.bias"]
-    save_file(tensors, str(tmp_path / "missing.safetensors"), meta)
-    with pytest.raises(WeightsError, match="conv2.bias"):
-        FlowSR.load(str(tmp_path / "missing.safetensors"))
+    assert FlowSR.load(path).degrid == 5
+    meta = json.loads(read_metadata(path)["flowsr_model"])
+    save_file(load_file(path), path, {"flowsr_model": json.dumps({**meta, "degrid": 2})})
+    with pytest.raises(WeightsError, match="degrid in metadata must be 0 or an odd positive integer, got 2"):
+        FlowSR.load(path)

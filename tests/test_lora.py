@@ -307,3 +307,49 @@ def test_load_lora_state_dict_is_strict():
                                   "src.pt")
     with pytest.raises(WeightsError, match=r"^src\.pt: .*unknown: conv1\.weight"):  # wrapped: base_layer key only
         lora.load_lora_state_dict(model, dict(good, **{"conv1.weight": torch.zeros(6, 6, 3, 3)}), "src.pt")
+
+
+def test_adapters_share_the_base_and_one_is_active_per_call():
+    """Teacher / target adapters over one base (stage 2, issue 10): a view computes with its own LoRA only, the
+    model stays the student, and only the student's adapter is exported, trained and counted."""
+    model = Block()
+    lora.inject_lora(model, ["conv1", "to_q"], 2)
+    lora.mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.normal_()
+    lora.add_adapter(model, "teacher")
+    teacher = lora.AdapterView(model, "teacher")
+    x = torch.randn(2, 3, 5, 5)
+    student_out = model(x)
+    assert torch.equal(teacher(x), student_out)  # a copy of the student's LoRA at first
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+    alone = copy.deepcopy(model)  # the teacher's weights as the only adapter of a separate model
+    lora.load_lora_state_dict(alone, {k.replace(".teacher.", ".default."): v for k, v in teacher.state_dict().items()},
+                              "teacher")
+    out = teacher(x)
+    assert torch.equal(out, alone(x)) and not torch.equal(out, student_out) and not out.requires_grad
+    assert torch.equal(model(x), student_out)  # the student is active again after the call
+    size = lambda params: sum(p.numel() for p in params)
+    assert size(model.parameters()) == size(Block().parameters()) + 2 * size(teacher.parameters())  # one base
+
+    lora_keys = {f"{m}.lora_{ab}.default.weight" for m in ("conv1", "attn1.to_q") for ab in "AB"}
+    assert set(lora.lora_state_dict(model)) == lora_keys  # the published export: the student only
+    assert set(teacher.state_dict()) == {k.replace(".default.", ".teacher.") for k in lora_keys}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora_keys
+    assert [p.shape for p in teacher.parameters()] == [p.shape for p in lora.lora_parameters(model)]
+
+    saved = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.zero_()
+    teacher.load_state_dict(saved)
+    assert torch.equal(teacher(x), out)
+    with pytest.raises(ValueError, match=r"adapter 'teacher' does not fit: unknown none; missing conv1\.lora_A"):
+        teacher.load_state_dict({k: v for k, v in saved.items() if "conv1.lora_A" not in k})
+    with pytest.raises(ValueError, match=r"no LoRA adapter 'target' in conv1, attn1\.to_q"):
+        lora.AdapterView(model, "target")(x)
+    with pytest.raises(ValueError, match=r"conv1 already has a LoRA adapter 'teacher'"):
+        lora.add_adapter(model, "teacher")

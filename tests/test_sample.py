@@ -23,13 +23,15 @@ from safetensors.torch import load_file, save_file
 import flowsr
 import sample
 from plumbing.flags import parse
-from evaluate import detail_ratio, psnr_y
+from evaluate import psnr_y
 from conftest import PHOTOS, ROOT
 from flowsr import FLOWSR_PROMPT, FlowSR
 from test_flowsr import SD1_TEXT_WIDTH, build_sd_folder, noisy_, published_case
 from plumbing.weights import read_metadata
 
 BUNDLED = sample.BUNDLED_MODEL
+BUNDLED_NIQE_GAIN = 0.0  # TBD  # what the bundled model shows on the held-out photos, with a margin
+BUNDLED_PSNR_LOSS = 9.9  # TBD
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------------
@@ -509,27 +511,62 @@ def psnr(a, b):
     return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
 
 
-@needs_bundled
-def test_bundled_model_restores_detail_at_about_bicubic_fidelity(degraded_photo, tmp_path, capsys):
-    """The bundled one-step model on a held-out photo: over 2.5x bicubic's fine detail, PSNR-Y within 0.5 dB.
+def heldout_inputs():
+    """[(name, HR (3, H, W), {kind: LR (3, H/4, W/4)})] for the held-out photos, whole (H, W multiples of 16)."""
+    from data import load_image
+    from degradations import degrade_bicubic, degrade_realesrgan, jpeg
+    items = []
+    for i, name in enumerate(sorted(os.listdir(os.path.join(PHOTOS, "heldout")))):
+        hr = load_image(os.path.join(PHOTOS, "heldout", name))[0]
+        hr = hr[:, :hr.shape[1] // 16 * 16, :hr.shape[2] // 16 * 16]
+        lr = degrade_bicubic(hr, 4)
+        items.append((name, hr, {"bicubic": lr, "jpeg75": jpeg(lr, 75),
+                                 "realesrgan": degrade_realesrgan(hr, 4, torch.Generator().manual_seed(i))}))
+    return items
 
-    An identity model (bicubic up-sampling) fails the detail bound; a model that paints noise fails the PSNR
-    bound. Measured when it was bundled: PSNR-Y 22.23 vs 22.44 dB, detail 0.127 vs 0.039 of the photo's.
-    """
-    hr, lr = degraded_photo
-    lr_pixels = (lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path = write(tmp_path / "chelsea.png", lr_pixels)
-    code, _, err = run(capsys, path, "-q")  # the bundled model, output beside the input
-    assert code == 0 and not err
-    mode, size, sr = read(tmp_path / "chelsea_x4.png")
-    assert mode == "RGB" and size == (256, 256)
-    as_batch = lambda pixels: torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None] / 255  # noqa: E731
-    bicubic, target = as_batch(np.round(upsampled(lr_pixels))), hr[None].double()
-    psnr_sr, psnr_bicubic = psnr_y(as_batch(sr), target).item(), psnr_y(bicubic, target).item()
-    detail_sr, detail_bicubic = detail_ratio(as_batch(sr), target).item(), detail_ratio(bicubic, target).item()
-    print(f"PSNR-Y {psnr_sr:.2f} vs bicubic {psnr_bicubic:.2f} dB; detail {detail_sr:.3f} vs {detail_bicubic:.3f}")
-    assert psnr_sr > psnr_bicubic - 0.5
-    assert detail_sr > 2.5 * detail_bicubic
+
+def bicubic_x4(lr):
+    return F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+
+
+@needs_bundled
+@pytest.mark.parametrize("kind", ["bicubic", "jpeg75", "realesrgan"])
+def test_bundled_model_is_more_natural_than_bicubic_at_close_fidelity(kind):
+    """On the held-out photos (never trained on), for each input kind: mean NIQE (no reference, lower = more
+    natural) below bicubic's by BUNDLED_NIQE_GAIN, and on every photo PSNR-Y at most BUNDLED_PSNR_LOSS dB
+    below bicubic's. bicubic itself fails the first bound; a model that paints texture fails the second."""
+    from evaluate import niqe
+    model = FlowSR.load(BUNDLED)
+    cfg = parse(sample.SampleConfig, ["x", "--dtype", "fp32"])
+    ours, theirs = [], []
+    for name, hr, lrs in heldout_inputs():
+        lr = lrs[kind][None]
+        sr = (sample.super_resolve(model, lr, cfg) * 255).round() / 255  # as the 8-bit file is
+        bicubic = (bicubic_x4(lr) * 255).round() / 255
+        ours.append(niqe(sr).item())
+        theirs.append(niqe(bicubic).item())
+        psnr_sr, psnr_bicubic = psnr_y(sr, hr[None]).item(), psnr_y(bicubic, hr[None]).item()
+        print(f"{kind} {name}: PSNR-Y {psnr_sr:.2f} vs bicubic {psnr_bicubic:.2f}; NIQE {ours[-1]:.2f} vs {theirs[-1]:.2f}")
+        assert psnr_sr > psnr_bicubic - BUNDLED_PSNR_LOSS, name
+    assert sum(ours) / len(ours) < sum(theirs) / len(theirs) - BUNDLED_NIQE_GAIN
+
+
+@needs_bundled
+def test_bundled_model_leaves_flat_content_flat():
+    """A sky and a heavily blurred photo (bicubic inputs): the model adds nothing that is not there, PSNR-Y
+    at most 1 dB below bicubic's (which is 53-55 dB here, so a faint 4-pixel grid alone fails it)."""
+    from data import gaussian_blur, load_image
+    from degradations import degrade_bicubic
+    model = FlowSR.load(BUNDLED)
+    cfg = parse(sample.SampleConfig, ["x", "--dtype", "fp32"])
+    rocket = load_image(os.path.join(PHOTOS, "heldout", "rocket.jpg"))[0]
+    chelsea = load_image(os.path.join(PHOTOS, "heldout", "chelsea.png"))[0][:, :288, :448]
+    for name, hr in (("sky", rocket[:, :112, 96:544]), ("blurred", gaussian_blur(chelsea, 4.0))):
+        lr = degrade_bicubic(hr, 4)[None]
+        psnr_sr = psnr_y(sample.super_resolve(model, lr, cfg), hr[None]).item()
+        psnr_bicubic = psnr_y(bicubic_x4(lr), hr[None]).item()
+        print(f"{name}: PSNR-Y {psnr_sr:.2f} vs bicubic {psnr_bicubic:.2f}")
+        assert psnr_sr > psnr_bicubic - 1.0, name
 
 
 @needs_bundled
@@ -590,3 +627,25 @@ def test_cli_says_which_dtype_ran(models, tmp_path, capsys, monkeypatch):
         assert code == 0 and out.splitlines()[0] == f"dtype {expected} (a test CPU" + \
             ("; --dtype fp32 for full precision)" if native else ")")
         assert loaded[-1] == expected
+
+
+# ---- torchrun: a folder split across processes ------------------------------------------------------------
+
+def test_torchrun_splits_a_folder_across_two_processes(models, tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for i in range(5):
+        write(shots / f"{i}.png", photo(10 + i, 12))
+    (shots / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    single = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), shots, "-o", tmp_path / "one",
+                             "--checkpoint", models.random, "--dtype", "fp32"], capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.join(ROOT, "sample.py"), shots, "-o", tmp_path / "two", "--checkpoint",
+                            models.random, "--dtype", "fp32"], capture_output=True, text=True, env=env)
+    assert single.returncode == 1 and split.returncode == 1, split.stderr[-2000:]  # the broken file, on one rank
+    assert "2 processes wrote 5 images, 1 failed" in split.stdout
+    assert split.stdout.count("wrote ") == 6 and split.stdout.count("dtype fp32") == 1  # 5 images + the summary
+    assert split.stderr.count("zz_bad.png: not a readable image") == 1
+    for i in range(5):
+        assert np.array_equal(read(tmp_path / "one" / f"{i}_x4.png")[2], read(tmp_path / "two" / f"{i}_x4.png")[2])
