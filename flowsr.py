@@ -43,7 +43,6 @@ FLOWSR_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus,
 FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268, 16157, 2867, 593, 8157,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
-TINY_DEGRID = 3  # neighbourhood in latent pixels of FlowSR.remove_block_grid (0: off)
 TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
 
 # LoRA targets of the sd21 preset: every conv / attention / feed-forward layer of the UNet (the choice of
@@ -61,40 +60,18 @@ def tiny_unet_config(latent_channels=48, context_dim=32):
 
 
 class FlowSR(nn.Module):
-    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, degrid=0):
+    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0):
         super().__init__()
-        if (flat_gate or degrid) and not isinstance(ae, PixelAutoencoder):
-            raise ValueError("FlowSR: the flat gate and the grid removal need the pixel autoencoder (its latent is "
-                             "the image)")
-        self.unet, self.ae, self.upsample, self.flat_gate, self.degrid = unet, ae, upsample, flat_gate, degrid
+        if flat_gate and not isinstance(ae, PixelAutoencoder):
+            raise ValueError("FlowSR: the flat gate needs the pixel autoencoder (its latent is the image)")
+        self.unet, self.ae, self.upsample, self.flat_gate = unet, ae, upsample, flat_gate
         self.register_buffer("context", context, persistent=False)  # (1, L, D)
 
     def forward(self, z, timesteps, context=None):
         """The velocity v(z, t, c): the `net` that flow.py and consistency.py call."""
         context = self.context if context is None else context
         v = self.unet(z, timesteps, context.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, C, h, w)
-        if self.degrid:
-            v = self.remove_block_grid(v)
         return v * self.detail_gate(z) if self.flat_gate else v
-
-    def remove_block_grid(self, v):
-        """v minus its part that repeats with the autoencoder's block period (tiny preset).
-
-        With the pixel autoencoder each latent pixel holds a 4 x 4 block of the image in its channels, one per
-        position in the block. The UNet writes every block separately, and its errors repeat from block to
-        block as a 4-pixel grid. In the image, the grid is what a 4 x 4 box filter removes (it averages one
-        period) and what stays the same from block to block: so the residual of that filter, averaged over
-        `degrid` x `degrid` neighbouring blocks position by position, is the grid, and it is subtracted.
-        Slopes pass the box filter and detail changes from block to block: both are kept.
-        """
-        f = self.ae.factor
-        x = F.pixel_shuffle(v, f)  # (B, 3, H, W)
-        smooth = F.avg_pool2d(F.pad(x, ((f - 1) // 2, f // 2) * 2, mode="replicate"), f, 1)  # (B, 3, H, W)
-        residual = F.pixel_unshuffle(x - smooth, f)  # (B, 48, h, w)
-        grid = F.avg_pool2d(residual, self.degrid, 1, self.degrid // 2, count_include_pad=False)
-        b, c, h, w = grid.shape
-        by_position = grid.view(b, self.ae.channels, f * f, h, w)  # (B, 3, 16, h, w)
-        return v - (by_position - by_position.mean(2, keepdim=True)).reshape(b, c, h, w)
 
     def detail_gate(self, z):
         """g = d / (d + k) in [0, 1): 0 where the image is flat, near 1 where it has detail (tiny preset).
@@ -144,15 +121,15 @@ class FlowSR(nn.Module):
 
     def config_dict(self):
         return {"unet": self.unet.config.to_dict(), "autoencoder": self.ae.to_dict(), "upsample": self.upsample,
-                "flat_gate": self.flat_gate, "degrid": self.degrid}
+                "flat_gate": self.flat_gate}
 
     # ---- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, degrid=TINY_DEGRID):
+    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE):
         ae = PixelAutoencoder()
         config = tiny_unet_config(ae.latent_channels)
-        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, degrid)
+        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate)
 
     @classmethod
     def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None):

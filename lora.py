@@ -202,17 +202,17 @@ def add_adapter(model, name, source="default"):
 @contextlib.contextmanager
 def adapter_active(model, name):
     """Inside this block every LoRA layer of ``model`` computes with its adapter ``name``."""
-    layers = [layer for _, layer in lora_layers(model)]
-    missing = [layer_name for layer_name, layer in lora_layers(model) if name not in layer.lora_A]
+    named = lora_layers(model)
+    missing = [layer_name for layer_name, layer in named if name not in layer.lora_A]
     if missing:
         raise ValueError(f"no LoRA adapter {name!r} in {_listed(missing)}")
-    previous = [layer.adapter for layer in layers]
-    for layer in layers:
+    previous = [layer.adapter for _, layer in named]
+    for _, layer in named:
         layer.adapter = name
     try:
         yield model
     finally:
-        for layer, adapter in zip(layers, previous):
+        for (_, layer), adapter in zip(named, previous):
             layer.adapter = adapter
 
 

@@ -30,7 +30,7 @@ import losses
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import DEGRADATIONS, HRFolderDataset
 from flow import RectifiedSRFlow
-from flowsr import FLOWSR_PROMPT, TINY_DEGRID, TINY_FLAT_GATE, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
+from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
                                 synced_step, warnings_to)
@@ -41,7 +41,7 @@ from schedulers import sample_adjacent_pairs, sample_times
 
 STAGE2_ENCODER = ("frozen", "train", "train-teacher-stage1")
 PRESETS = {  # what a 0 / "" in the config means for each preset
-    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=4000, stage2_steps=150,
+    "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=6000, stage2_steps=150,
                  grad_checkpointing=False, degradation="mixed"),
     "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage2_lr=2e-5, stage1_steps=20000, stage2_steps=20000,
                  grad_checkpointing=True, degradation="realesrgan"),
@@ -72,7 +72,6 @@ class TrainConfig:
                             choices=("", *DEGRADATIONS))
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
     flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
-    degrid: int = flag(TINY_DEGRID, "tiny: blocks (odd) over which FlowSR.remove_block_grid averages (0: off)")
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
@@ -149,7 +148,7 @@ def build_model(cfg, device, init=None):
     """The preset's model (LoRA-injected for sd21): fresh, or the stage-1 model of the checkpoint `init`."""
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.degrid)
+        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate)
         model.upsample = cfg.upsample
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)

@@ -229,7 +229,7 @@ def markdown(report):
     lines = [f"# Training memory at the SD 2.1 size: {report['device']}", "",
              f"{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
              f"{report['date']}. {cfg['note']}", "",
-             "| stage | crop, batch | peak RSS (MiB) | RSS after loading (MiB) |"
+             "| stage | crop, batch | peak RSS (MiB) | RSS when built (MiB; weights mapped, not yet read) |"
              + (" peak CUDA in steps (MiB) |" if cuda else "")
              + " s per step | state file (MB) | trainable (M) | saved activations, G pass (MiB) |",
              "|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|"]

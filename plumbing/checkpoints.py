@@ -79,9 +79,6 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
-    degrid = own.get("degrid", 0)
-    if isinstance(degrid, bool) or not isinstance(degrid, int) or degrid < 0 or degrid and degrid % 2 == 0:
-        raise WeightsError(f"{path}: degrid in metadata must be 0 or an odd positive integer, got {degrid!r}")
     state = read_state_dict(path)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
@@ -91,7 +88,7 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
-    return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate), degrid)
+    return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate))
 
 
 def _json_object(text, path):

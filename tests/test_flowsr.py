@@ -14,12 +14,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import clip
 import lora
 from flowsr import FLOWSR_PROMPT, FLOWSR_PROMPT_IDS, UNET_LORA_TARGETS, FlowSR, context_cache_key, vae_encoder_targets
-from plumbing.weights import WeightsError, read_metadata
+from plumbing.weights import WeightsError
 
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 TEXT_WIDTH = 64  # the tiny "SD 2.x" text encoder; its SD 1.x-like sibling is SD1_TEXT_WIDTH wide
@@ -318,7 +318,7 @@ def test_detail_gate_keeps_flat_content_exactly_and_opens_on_detail():
         assert model.detail_gate(ramp)[..., 4:-4, 4:-4].max() == 0  # a smooth slope is flat too (borders aside)
         gate = model.detail_gate(detail)
         assert gate.shape == (1, 1, 16, 16) and gate.min() > 0.9
-        ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0, degrid=model.degrid)
+        ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0)
         assert torch.equal(model(detail, t), ungated(detail, t) * gate)
         assert ungated(flat, t).abs().max() > 1e-3  # without the gate the network does paint the flat image
 
@@ -327,34 +327,5 @@ def test_detail_gate_needs_the_pixel_autoencoder():
     from vae import AutoencoderKL, AutoencoderKLConfig
     model = FlowSR.tiny()
     ae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8))
-    with pytest.raises(ValueError, match="flat gate and the grid removal need the pixel autoencoder"):
+    with pytest.raises(ValueError, match="flat gate needs the pixel autoencoder"):
         FlowSR(model.unet, ae, model.context, flat_gate=0.01)
-
-
-def test_remove_block_grid_takes_out_what_repeats_from_block_to_block_and_keeps_the_rest():
-    """Over 3 x 3 blocks, the part of the velocity that depends on the position in the block goes."""
-    model = FlowSR.tiny(flat_gate=0.0, degrid=3)
-    smooth = torch.linspace(-1, 1, 48).view(1, 1, 1, 48).expand(1, 3, 48, 48)  # (1, 3, 48, 48) a slope
-    pattern = 0.1 * torch.randn(1, 3, 4, 4)
-    grid = (pattern - pattern.mean((2, 3), keepdim=True)).repeat(1, 1, 12, 12)  # one 4 x 4 pattern in every block
-    dot = torch.zeros(1, 3, 48, 48)
-    dot[:, :, 25, 21] = 1  # one detail, in one block
-    encode, clean = model.ae.encode, model.remove_block_grid
-    inside = (..., slice(2, -2), slice(2, -2))  # the image border is padded: the grid there is not exact
-    assert clean(encode(grid))[inside].abs().max() < 1e-6  # a pure grid goes
-    assert (clean(encode(smooth + grid)) - encode(smooth))[inside].abs().max() < 1e-5  # under a slope too
-    assert (clean(encode(smooth)) - encode(smooth))[inside].abs().max() < 1e-5  # and the slope stays
-    kept = model.ae.decode(clean(encode(dot)))
-    assert kept[0, 0, 25, 21] > 0.85 and (kept - dot).pow(2).sum() < 0.15 * dot.pow(2).sum()  # a lone dot stays
-
-
-
-def test_degrid_is_saved_and_checked(tmp_path):
-    model = FlowSR.tiny(degrid=5)
-    path = str(tmp_path / "tiny.safetensors")
-    model.save(path)
-    assert FlowSR.load(path).degrid == 5
-    meta = json.loads(read_metadata(path)["flowsr_model"])
-    save_file(load_file(path), path, {"flowsr_model": json.dumps({**meta, "degrid": 2})})
-    with pytest.raises(WeightsError, match="degrid in metadata must be 0 or an odd positive integer, got 2"):
-        FlowSR.load(path)

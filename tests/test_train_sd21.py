@@ -24,7 +24,7 @@ from flow import RectifiedSRFlow
 from flowsr import UNET_LORA_TARGETS, FlowSR, super_resolve, vae_encoder_targets
 from plumbing.training import LogWindow
 from test_flowsr import build_sd_folder
-from test_train_reliability import STEPS, args, assert_same_run, photos, run, signal_at  # noqa: F401 (fixture)
+from test_train_reliability import args, assert_same_run, photos, run, signal_at  # noqa: F401 (fixture)
 from test_unet import SD21_BASE
 
 SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -205,7 +205,9 @@ def test_lora_gradients_match_diffusers_peft(sd_folder, parity):
 @pytest.mark.parametrize("parity", [stage1_parity, stage2_parity])
 def test_lora_gradients_match_diffusers_peft_full_size(tmp_path, parity):
     folder = fullsize_folder(tmp_path)
-    errors = parity(folder, torch.randn(1, 77, 1024), crop=64, batch=1, rank=4, lora_std=1e-3)
+    # 128 px: the mid block's self-attention sees 2 x 2 tokens. Over one token (64 px) softmax is constant, so
+    # the gradients of its to_q / to_k LoRA are zero up to rounding, and their relative error is noise.
+    errors = parity(folder, torch.randn(1, 77, 1024), crop=128, batch=1, rank=4, lora_std=1e-3)
     check_parity(errors, f"full size, {parity.__name__}")
 
 
@@ -215,18 +217,28 @@ def sd21_args(photos, out, folder, *extra):
     return args(photos, out, "--preset", "sd21", "--base", folder, "--lora-rank", "2", "--vae-lora-rank", "2", *extra)
 
 
-def test_stage2_holds_one_base_and_lora_only_state(sd_folder, photos, tmp_path):
-    model, _ = run(sd21_args(photos, tmp_path, sd_folder, "--stage", "1", "--max-steps", "1"))
-    assert isinstance(model, FlowSR)
-    cfg = train.parse(train.TrainConfig, sd21_args(photos, tmp_path, sd_folder))
+@pytest.fixture(scope="module")
+def stage1_dir(sd_folder, photos, tmp_path_factory):
+    """An out dir holding a one-step stage-1 run of the sd21 preset."""
+    out = tmp_path_factory.mktemp("stage1")
+    model, _ = run(sd21_args(photos, out, sd_folder, "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, FlowSR), model
+    return out
+
+
+def build_stage2(photos, out, folder, encoder):
+    cfg = train.parse(train.TrainConfig, sd21_args(photos, out, folder, "--stage2-encoder", encoder))
     ranks = train.setup(cfg)
-    s = train.build_stage2(cfg, ranks.device, print)
-    plain = FlowSR.sd21(sd_folder, context=s.model.context)
-    base = sum(p.numel() for p in plain.parameters())
+    return cfg, ranks, train.build_stage2(cfg, ranks.device, print)
+
+
+def test_stage2_holds_one_base_and_lora_only_state(sd_folder, photos, stage1_dir):
+    cfg, ranks, s = build_stage2(photos, stage1_dir, sd_folder, "frozen")
+    base = sum(p.numel() for p in FlowSR.sd21(sd_folder, context=s.model.context).parameters())
     lora_size = sum(p.numel() for p in lora.lora_parameters(s.model))
     assert sum(p.numel() for p in s.model.parameters()) == base + 3 * lora_size  # student, teacher, target
     assert isinstance(s.teacher, lora.AdapterView) and isinstance(s.target, lora.AdapterView)
-    assert not lora.lora_parameters(s.model.ae)[0].requires_grad  # --stage2-encoder frozen (the default)
+    assert not any(p.requires_grad for p in lora.lora_parameters(s.model.ae))  # the encoder's LoRA is frozen
     assert all(p.requires_grad for p in lora.lora_parameters(s.model.unet))
 
     z = torch.randn(1, 4, 8, 8)
@@ -238,13 +250,33 @@ def test_stage2_holds_one_base_and_lora_only_state(sd_folder, photos, tmp_path):
             p.add_(0.1)
     train.update_ema(s.target, s.online, 0.75)
     for p_target, p_student in zip(s.target.parameters(), lora.lora_parameters(s.model), strict=True):
-        torch.testing.assert_close(p_target, p_student - 0.075)  # 0.75 (W - 0.1) + 0.25 W
+        torch.testing.assert_close(p_target, p_student - 0.075)  # 0.75 W + 0.25 (W + 0.1) = (W + 0.1) - 0.075
     assert torch.equal(s.teacher(z, torch.tensor([1000.0])), v)  # the teacher stays frozen
 
     state = train.Checkpoints(cfg, s, ranks).state(0, LogWindow())
     assert state["model"] and all(".lora_" in k and ".default." in k for k in state["model"])
     assert state["target"] and all(".target." in k for k in state["target"])
     assert "teacher" not in state  # rebuilt from the stage-1 file
+
+
+def test_teacher_runs_on_the_stage1_encoders_latent(sd_folder, photos, stage1_dir, monkeypatch):
+    """--stage2-encoder train-teacher-stage1: the student's encoder trains, the teacher gets the stage-1 one's z_L."""
+    cfg, ranks, s = build_stage2(photos, stage1_dir, sd_folder, "train-teacher-stage1")
+    assert all(p.requires_grad for p in lora.lora_parameters(s.model.ae))
+    with torch.no_grad():
+        for p in lora.lora_parameters(s.model.ae):
+            p.add_(0.05)  # as if the student's encoder had trained for a while
+    calls, loss = [], s.objective.loss
+    monkeypatch.setattr(s.objective, "loss", lambda *a: calls.append(a) or loss(*a))
+    x_hr, x_lr = inputs(32, 2)
+    train.stage2_step(cfg, s, {"hr": x_hr, "lr": x_lr}, torch.Generator().manual_seed(0), ranks)
+    (args,) = calls
+    z_L, z_L_teacher = args[5], args[-1]
+    stage1 = FlowSR.load(stage1_dir / "stage1.safetensors", base=sd_folder)
+    with torch.no_grad():
+        expected = stage1.encode(stage1.upsample_lr(x_lr))
+    torch.testing.assert_close(z_L_teacher, expected, rtol=1e-4, atol=1e-5)
+    assert (z_L - expected).abs().max() > 0.01
 
 
 class Killed(Exception):
