@@ -39,7 +39,7 @@ from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
 
-STAGE2_ENCODER = ("frozen", "train", "train-teacher-stage1")
+STAGE2_ENCODER = ("train-teacher-stage1", "train", "frozen")
 PRESETS = {  # what a 0 / "" in the config means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=6000, stage2_steps=150,
                  grad_checkpointing=False, degradation="mixed"),
@@ -99,9 +99,10 @@ class TrainConfig:
     prompt: str = flag(FLOWSR_PROMPT, "fixed prompt whose text embedding is the UNet context (sd21)")
     lora_rank: int = flag(4, "LoRA rank on the UNet (sd21)")
     vae_lora_rank: int = flag(4, "LoRA rank on the VAE encoder (sd21; 0: frozen encoder)")
-    stage2_encoder: str = flag("frozen", "sd21 stage 2: the VAE encoder's LoRA stays at its stage-1 weights (frozen), "
-                               "or trains with the teacher on the student's z_L (train) or on the stage-1 "
-                               "encoder's z_L (train-teacher-stage1); SPEC 3", choices=STAGE2_ENCODER)
+    stage2_encoder: str = flag("train-teacher-stage1", "sd21 stage 2: the VAE encoder's LoRA trains on and the "
+                               "teacher sees the stage-1 encoder's z_L (train-teacher-stage1), or the teacher sees "
+                               "the student's z_L (train), or the LoRA stays at its stage-1 weights (frozen); SPEC 3",
+                               choices=STAGE2_ENCODER)
     grad_checkpointing: str = flag("auto", "gradient checkpointing in the UNet (auto: on for sd21)", choices=("auto", "on", "off"))
     # machinery
     device: str = flag("auto", "auto, cpu, cuda or mps")
@@ -239,7 +240,8 @@ def build_stage2(cfg, device, say):
 
     tiny: every weight trains, so the teacher and the target are whole copies of the model. sd21: only the LoRA
     trains, so they are two more LoRA adapters over the student's one copy of SD 2.1 (lora.AdapterView), and
-    the EMA runs over the student's adapter; with --stage2-encoder frozen the VAE encoder's LoRA stops training.
+    the EMA runs over the student's adapter. With --stage2-encoder frozen the VAE encoder's LoRA stops training;
+    with train-teacher-stage1 (the default) stage2_step gives the teacher the stage-1 encoder's z_L.
     """
     init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
     if not os.path.isfile(init):
