@@ -37,7 +37,7 @@ import re
 import torch
 import torch.nn as nn
 
-from plumbing.weights import WeightsError, read_metadata, read_state_dict, save_atomic
+from plumbing.weights import WeightsError, json_object, read_metadata, read_state_dict, save_atomic
 
 DEFAULT_ALPHA = 8
 METADATA_KEY = "flowsr_checkpoint_metadata"
@@ -289,12 +289,7 @@ def read_flowsr_checkpoint(path):
     raw = read_metadata(path).get(METADATA_KEY)
     if raw is None:
         raise WeightsError(f"{path}: no '{METADATA_KEY}' metadata, not a FlowSR checkpoint")
-    try:
-        payload = json.loads(raw)
-    except ValueError as e:
-        raise WeightsError(f"{path}: '{METADATA_KEY}' is not valid JSON ({e})") from None
-    if not isinstance(payload, dict):
-        raise WeightsError(f"{path}: '{METADATA_KEY}' is not a JSON object")
+    payload = json_object(raw, path, f"'{METADATA_KEY}'")
     fields, tensor_names = payload.get("fields"), payload.get("tensor_names")
     _check_fields(fields, path)
     _check_tensor_names(tensor_names, path)

@@ -14,7 +14,7 @@ import re
 import torch
 
 import lora
-from plumbing.weights import WeightsError, load_strict, read_metadata, read_state_dict, save_atomic
+from plumbing.weights import WeightsError, json_object, load_strict, read_metadata, read_state_dict, save_atomic
 from unet import UNet, UNetConfig
 from vae import PixelAutoencoder, vae_from_config
 
@@ -42,7 +42,7 @@ def save_lora(model, path, unet_targets, vae_targets, unet_rank, vae_rank, extra
 def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None):
     """A `cls` (FlowSR) rebuilt from a checkpoint of either kind; see FlowSR.load."""
     meta = read_metadata(path)
-    own = _json_object(meta.get(METADATA_KEY, "{}"), path)
+    own = json_object(meta.get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
     run = own.get("train_config") or {}  # what train.py recorded: its --base and --prompt
     if not isinstance(run, dict):
         raise WeightsError(f"{path}: 'train_config' in the metadata is not a JSON object")
@@ -89,16 +89,6 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
     return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate))
-
-
-def _json_object(text, path):
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise WeightsError(f"{path}: '{METADATA_KEY}' metadata is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise WeightsError(f"{path}: '{METADATA_KEY}' metadata is not a JSON object")
-    return value
 
 
 def check_text_width(path, unet, base):

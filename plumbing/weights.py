@@ -160,3 +160,14 @@ def first_line(error, limit=200):
     """The first line of an exception's message (at most `limit` characters; None: all), for one-line errors."""
     text = str(error).strip().splitlines()
     return text[0][:limit] if text else type(error).__name__
+
+
+def json_object(text, path, what):
+    """A JSON object from metadata text; anything else is a WeightsError naming the file and `what` it was."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: {what} is not a JSON object")
+    return value
