@@ -390,11 +390,10 @@ class UNet(nn.Module):
             config_path = os.path.join(path, "config.json")
             config = _parse_config(read_json(config_path), config_path)
             source = find_weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
-            state_dict = read_state_dict(source)
+            state_dict = read_state_dict(source, dtype=dtype)
         else:
-            config_dict, state_dict = single_file.read_unet(path)
+            config_dict, state_dict = single_file.read_unet(path, dtype)
             config, source = _parse_config(config_dict, path), path
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         with torch.device("meta"):
             model = cls(config)
         return load_strict(model, state_dict, source).eval()

@@ -266,7 +266,7 @@ class AutoencoderKL(nn.Module):
             path = os.path.join(path, "vae")
         if os.path.isdir(path):
             source = find_weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
-            state_dict = read_state_dict(source)
+            state_dict = read_state_dict(source, dtype=dtype)
             if config is None:
                 config_path = os.path.join(path, "config.json")
                 try:
@@ -274,12 +274,11 @@ class AutoencoderKL(nn.Module):
                 except ValueError as e:
                     raise WeightsError(f"{config_path}: {e}") from None
         else:
-            source, state_dict = path, single_file.read_vae(path)
+            source, state_dict = path, single_file.read_vae(path, dtype)
             config = config or AutoencoderKLConfig.from_diffusers(single_file.vae_config_from_shapes(state_dict, path))
         with torch.device("meta"):
             model = cls(config)
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in current_names(state_dict).items()}
-        return load_strict(model, state_dict, source)
+        return load_strict(model, current_names(state_dict), source)
 
 
 def blend_tiles(fn, x, tile_size, overlap, scale):

@@ -79,7 +79,7 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
-    state = read_state_dict(path)
+    state = read_state_dict(path, dtype=dtype)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
         raise WeightsError(f"{path}: tensors that are not floating point: {', '.join(not_float[:5])}")
@@ -88,7 +88,7 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
-    return cls(unet.to(dtype), ae, context.to(dtype), upsample, float(flat_gate))
+    return cls(unet, ae, context, upsample, float(flat_gate))
 
 
 def check_text_width(path, unet, base):

@@ -27,8 +27,13 @@ class WeightsError(ValueError):
     """A weight file that is unreadable or does not fit the model; the message is one line."""
 
 
-def read_state_dict(path, prefix=None):
+def read_state_dict(path, prefix=None, dtype=None):
     """Read the tensors of a .safetensors or pickle weight file into a dict (one copy).
+
+    With `dtype`, each floating-point tensor is converted as it is read, so an fp32 file loads into bf16
+    holding only the bf16 copy (plus one fp32 tensor at a time), never both whole state dicts. A .safetensors
+    file is then read with plain reads rather than memory-mapped: the mapped fp32 pages would stay resident
+    (and count in the process's memory) until the file closes, beside the converted copies.
 
     With `prefix`, only the tensors whose names start with it (names unchanged). A .safetensors file then
     reads just those bytes: an original SD file holds UNet, VAE and text encoder in one 5 GB file
@@ -43,7 +48,10 @@ def read_state_dict(path, prefix=None):
     if path.endswith(".safetensors"):
         try:
             with safe_open(path, framework="pt") as f:  # the header lists the names; tensors load on demand
-                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                if dtype is None:
+                    return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                keys = [k for k in f.keys() if k.startswith(prefix)]  # safe_open has checked the header
+            return _read_safetensors_as(path, keys, dtype)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     if path.endswith(PICKLE_SUFFIXES):
@@ -55,8 +63,37 @@ def read_state_dict(path, prefix=None):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise WeightsError(f"{path}: does not hold a flat dict of tensors")
-        return {k: v for k, v in obj.items() if k.startswith(prefix)}
+        return {k: _as(v, dtype) for k, v in obj.items() if k.startswith(prefix)}
     raise WeightsError(f"{path}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors_as(path, keys, dtype):
+    """The tensors `keys` of a .safetensors file (8-byte header size, JSON header, data), each converted to
+    `dtype` before the next is read."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        tensors = {}
+        for key in keys:
+            entry = header[key]
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_size + start)
+            data = bytearray(end - start)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{key}: file ends inside the tensor")
+            file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            flat = torch.frombuffer(data, dtype=file_dtype) if data else torch.empty(0, dtype=file_dtype)
+            tensors[key] = _as(flat.view(entry["shape"]), dtype)
+        return tensors
+
+
+def _as(tensor, dtype):
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def find_weights_file(folder, names):

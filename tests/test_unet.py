@@ -242,8 +242,8 @@ def test_single_file_reads_only_unet_tensors(tmp_path, monkeypatch):
     write_single_file(reference(SD2_STYLE), str(tmp_path / "sd.safetensors"))
     read = []
 
-    def recording(path, prefix=None):
-        tensors = weights.read_state_dict(path, prefix)
+    def recording(path, prefix=None, dtype=None):
+        tensors = weights.read_state_dict(path, prefix, dtype)
         read.extend(tensors)
         return tensors
 

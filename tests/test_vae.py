@@ -146,8 +146,8 @@ def test_single_file_reads_only_vae_tensors(tiny, tmp_path, monkeypatch):
     save_file({**ldm, "model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd.safetensors")
     read = []
 
-    def recording(path, prefix=None):
-        tensors = weights.read_state_dict(path, prefix)
+    def recording(path, prefix=None, dtype=None):
+        tensors = weights.read_state_dict(path, prefix, dtype)
         read.extend(tensors)
         return tensors
 

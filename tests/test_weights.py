@@ -64,6 +64,34 @@ def test_prefix_reads_no_other_tensor_of_a_safetensors_file(tmp_path, monkeypatc
     assert sorted(loaded) == sorted(UNET)
 
 
+def test_dtype_converts_each_tensor_as_it_is_read(tmp_path):
+    """An fp32 file read into bf16 peaks near the bf16 copy, not at fp32 + bf16 (mapped file pages count too)."""
+    import subprocess
+    import sys
+    tensors = {f"w{i}": torch.randn(1024, 1024) for i in range(32)}  # 128 MiB of fp32
+    save_file({**tensors, "steps": torch.arange(3)}, tmp_path / "big.safetensors")
+    probe = ("import torch; from plumbing import weights; "
+             "kib = lambda key: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)); "
+             "open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS'); "  # 5: reset the peak (VmHWM)
+             f"d = weights.read_state_dict({str(tmp_path / 'big.safetensors')!r}, dtype=torch.bfloat16); "
+             "assert d['steps'].dtype == torch.int64 and d['w0'].dtype == torch.bfloat16; "
+             "print((kib('VmHWM') - before) / 1024)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    grew = float(subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
+                                check=True).stdout)
+    assert grew < 128, f"peak grew by {grew:.0f} MiB: the bf16 copy is 64 MiB, fp32 + bf16 would be 192"
+    read = weights.read_state_dict(tmp_path / "big.safetensors", dtype=torch.bfloat16)
+    assert all(torch.equal(read[k], v.bfloat16()) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("kind", ["zip pickle", "wrapped pickle"])
+def test_dtype_converts_pickles_too(tmp_path, kind):
+    path = tmp_path / "sd.ckpt"
+    torch.save(TENSORS if kind == "zip pickle" else {"state_dict": TENSORS}, path)
+    read = weights.read_state_dict(path, "model.diffusion_model.", torch.float16)
+    assert set(read) == UNET and all(read[k].dtype == torch.float16 for k in read)
+
+
 def assert_one_line_error(fn, path, words):
     with pytest.raises(WeightsError) as info:
         fn()
