@@ -44,6 +44,7 @@ FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
 TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
+FLAT_CONTRAST = 3 * 2 / 255  # FlowSR.detail_gate: local contrast under three 8-bit grey levels is not detail
 
 # LoRA targets of the sd21 preset: every conv / attention / feed-forward layer of the UNet (the choice of
 # OSEDiff-style one-step SR fine-tunes), and every layer of the VAE encoder.
@@ -76,15 +77,17 @@ class FlowSR(nn.Module):
     def detail_gate(self, z):
         """g = d / (d + k) in [0, 1): 0 where the image is flat, near 1 where it has detail (tiny preset).
 
-        d is the largest local contrast |x - mean_3x3(x)| within 3 latent pixels. Where the input is flat
-        there is nothing to restore (up(down(x)) = x for a smooth x), so the velocity is 0 there by
-        construction rather than learned to within a grey level: no texture or latent grid on skies and walls.
+        d is the largest local contrast |x - mean_3x3(x)| within 3 latent pixels, less FLAT_CONTRAST. Where
+        the input is flat there is nothing to restore (up(down(x)) = x for a smooth x), so the velocity is 0
+        there by construction rather than learned to within a grey level: no texture or latent grid on skies,
+        walls or out-of-focus backgrounds. Contrast of a few grey levels (noise, JPEG ripples, a blurred
+        photo's gradients) is no detail either: the gate stays shut below FLAT_CONTRAST.
         """
         x = self.ae.decode(z).float()  # (B, 3, H, W), the pixel autoencoder's exact inverse
         contrast = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().mean(1, keepdim=True)
         f = self.ae.downscale
         d = F.max_pool2d(contrast, kernel_size=7 * f, stride=f, padding=3 * f)  # (B, 1, H/f, W/f)
-        d = (d - 1e-4).clamp(min=0)  # float rounding of the mean is not content (an 8-bit level is 7.8e-3)
+        d = (d - FLAT_CONTRAST).clamp(min=0)
         return (d / (d + self.flat_gate)).to(z.dtype)
 
     @property

@@ -48,9 +48,9 @@ def read_state_dict(path, prefix=None, dtype=None):
     if path.endswith(".safetensors"):
         try:
             with safe_open(path, framework="pt") as f:  # the header lists the names; tensors load on demand
-                if dtype is None:
-                    return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
                 keys = [k for k in f.keys() if k.startswith(prefix)]  # safe_open has checked the header
+                if not any(_converts(f.get_slice(k).get_dtype(), dtype) for k in keys):
+                    return {k: f.get_tensor(k) for k in keys}  # memory-mapped, no copy
             return _read_safetensors_as(path, keys, dtype)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
@@ -90,6 +90,11 @@ def _read_safetensors_as(path, keys, dtype):
             flat = torch.frombuffer(data, dtype=file_dtype) if data else torch.empty(0, dtype=file_dtype)
             tensors[key] = _as(flat.view(entry["shape"]), dtype)
         return tensors
+
+
+def _converts(safetensors_dtype, dtype):
+    stored = SAFETENSORS_DTYPES.get(safetensors_dtype)
+    return dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
 
 
 def _as(tensor, dtype):

@@ -316,6 +316,9 @@ def test_detail_gate_keeps_flat_content_exactly_and_opens_on_detail():
     with torch.no_grad():
         assert torch.equal(model(flat, t), torch.zeros_like(flat))  # exactly: no texture, no grid on a flat sky
         assert model.detail_gate(ramp)[..., 4:-4, 4:-4].max() == 0  # a smooth slope is flat too (borders aside)
+        levels = torch.randint(-1, 2, (1, 3, 64, 64)) * 2 / 255  # -1, 0, +1 grey levels around a flat field
+        assert model.detail_gate(model.encode(0.3 + levels)).max() == 0  # faint noise is not detail
+        assert model.detail_gate(model.encode(0.3 + 4 * levels)).min() > 0  # four grey levels are
         gate = model.detail_gate(detail)
         assert gate.shape == (1, 1, 16, 16) and gate.min() > 0.9
         ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0)
