@@ -432,6 +432,7 @@ def test_multi_step_grid_and_euler_steps():
 
 def test_color_fix_modes(models):
     model = FlowSR.load(models.random)
+    model.flat_gate = 0.0  # the random network's velocity everywhere, not only where the photo has detail
     lr = to_tensor(photo(16, 12))
     up = F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
     out = {mode: sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--color-fix", mode]))
@@ -547,19 +548,25 @@ def test_bundled_model_does_no_harm_to_fidelity(kind):
 
 
 @needs_bundled
-def test_bundled_model_leaves_a_flat_sky_flat():
-    """A sky (bicubic input): PSNR-Y within 2 dB of bicubic's 55.3 dB (measured: 53.8 dB; the model bundled
-    before painted texture and a grid on it: 34.9 dB)."""
-    from data import load_image
+@pytest.mark.parametrize("content", ["rocket sky", "chelsea.png", "coffee.png", "rocket.jpg"])
+def test_bundled_model_leaves_flat_content_flat(content):
+    """A clear sky and each held-out photo blurred (Gaussian sigma 4), bicubic inputs: PSNR-Y at most 1 dB below
+    bicubic's 54-57 dB (measured: equal to bicubic's, the detail gate shut; the model bundled before painted a
+    texture and a grid: sky 34.9 dB, blurred photos 37.4 dB; without FLAT_CONTRAST, 7.8 dB below bicubic)."""
+    from data import gaussian_blur, load_image
     from degradations import degrade_bicubic
     model = FlowSR.load(BUNDLED)
     cfg = parse(sample.SampleConfig, ["x", "--dtype", "fp32"])
-    hr = load_image(os.path.join(PHOTOS, "heldout", "rocket.jpg"))[0][:, :112, 96:544]
+    if content == "rocket sky":
+        hr = load_image(os.path.join(PHOTOS, "heldout", "rocket.jpg"))[0][:, :112, 96:544]
+    else:
+        hr = load_image(os.path.join(PHOTOS, "heldout", content))[0]
+        hr = (gaussian_blur(hr[:, :hr.shape[1] // 16 * 16, :hr.shape[2] // 16 * 16], 4.0) * 255).round() / 255
     lr = degrade_bicubic(hr, 4)[None]
-    psnr_sr = psnr_y(sample.super_resolve(model, lr, cfg), hr[None]).item()
-    psnr_bicubic = psnr_y(bicubic_x4(lr), hr[None]).item()
-    print(f"sky: PSNR-Y {psnr_sr:.2f} vs bicubic {psnr_bicubic:.2f}")
-    assert psnr_sr > psnr_bicubic - 2.0
+    psnr_sr = psnr_y((sample.super_resolve(model, lr, cfg) * 255).round() / 255, hr[None]).item()
+    psnr_bicubic = psnr_y((bicubic_x4(lr) * 255).round() / 255, hr[None]).item()
+    print(f"{content}: PSNR-Y {psnr_sr:.2f} vs bicubic {psnr_bicubic:.2f}")
+    assert psnr_sr > psnr_bicubic - 1.0
 
 
 @needs_bundled
