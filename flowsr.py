@@ -135,10 +135,12 @@ class FlowSR(nn.Module):
         return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate)
 
     @classmethod
-    def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None):
-        """SD 2.1-base from a diffusers folder or an original single file; `context` skips the text encoder."""
-        unet = UNet.from_pretrained(base, dtype=dtype)
-        ae = AutoencoderKL.from_pretrained(base, dtype=dtype)
+    def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None,
+             channels_last=False):
+        """SD 2.1-base from a diffusers folder or an original single file; `context` skips the text encoder.
+        channels_last: convolution kernels in the layout super_resolve's activations have (for inference)."""
+        unet = UNet.from_pretrained(base, dtype, channels_last)
+        ae = AutoencoderKL.from_pretrained(base, dtype, channels_last=channels_last)
         if context is None:
             context = prompt_context(base, prompt or FLOWSR_PROMPT, cache_dir)
         if context.shape[-1] != unet.config.cross_attention_dim:
@@ -157,13 +159,16 @@ class FlowSR(nn.Module):
         checkpoints.save_lora(self, path, UNET_LORA_TARGETS, vae_encoder_targets(self.ae), unet_rank, vae_rank, extra)
 
     @classmethod
-    def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None):
+    def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None,
+             channels_last=False):
         """Rebuild a model from a checkpoint of either kind.
 
         A LoRA checkpoint needs an SD 2.1-base: `base`, or the one its train.py run recorded. `prompt` (default:
         the run's, or the FlowSR prompt) only applies to it; `cache_dir` caches the prompt's text embedding.
+        `dtype` and `channels_last` (convolution kernels laid out as super_resolve's activations are) apply as
+        each tensor is read, so loading holds no second copy of the weights.
         """
-        return checkpoints.load(cls, path, base, prompt, context, dtype, cache_dir)
+        return checkpoints.load(cls, path, base, prompt, context, dtype, cache_dir, channels_last)
 
 
 def vae_encoder_targets(ae):

@@ -213,7 +213,7 @@ def load_model(cfg, device, dtype):
     if cfg.checkpoint == BUNDLED_MODEL and not os.path.isfile(BUNDLED_MODEL):
         raise WeightsError(f"{BUNDLED_MODEL}: the bundled model is missing; give a model with --checkpoint")
     model = FlowSR.load(cfg.checkpoint, base=cfg.base or None, prompt=cfg.prompt or None,
-                        dtype=DTYPES[dtype], cache_dir=cfg.cache_dir)
+                        dtype=DTYPES[dtype], cache_dir=cfg.cache_dir, channels_last=True)
     return model.to(device).eval()
 
 

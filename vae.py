@@ -80,10 +80,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        inplace = not torch.is_grad_enabled()  # as unet.ResnetBlock2D: in-place only where autograd is off
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return h.add_(skip) if inplace else skip + h
 
 
 class Attention(nn.Module):
@@ -253,20 +254,21 @@ class AutoencoderKL(nn.Module):
         return self.config.to_dict()
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, config=None):
+    def from_pretrained(cls, path, dtype=torch.float32, config=None, channels_last=False):
         """Load a diffusers vae/ folder, a whole SD folder (with vae/), or a single weight file.
 
         A single file may be an original SD checkpoint (VAE keys under `first_stage_model.`, other
         keys not read) or a bare VAE state dict in LDM or diffusers naming; its config is read from
         the tensor shapes (single_file.py). Shapes do not show norm_num_groups (32 assumed) or
-        scaling_factor (0.18215 assumed): pass `config` to override, for a folder too.
+        scaling_factor (0.18215 assumed): pass `config` to override, for a folder too. dtype and channels_last
+        (layout of the convolution kernels) apply as each tensor is read.
         """
         path = os.fspath(path)
         if os.path.isdir(os.path.join(path, "vae")):
             path = os.path.join(path, "vae")
         if os.path.isdir(path):
             source = find_weights_file(path, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
-            state_dict = read_state_dict(source, dtype=dtype)
+            state_dict = read_state_dict(source, dtype=dtype, channels_last=channels_last)
             if config is None:
                 config_path = os.path.join(path, "config.json")
                 try:
@@ -274,7 +276,7 @@ class AutoencoderKL(nn.Module):
                 except ValueError as e:
                     raise WeightsError(f"{config_path}: {e}") from None
         else:
-            source, state_dict = path, single_file.read_vae(path, dtype)
+            source, state_dict = path, single_file.read_vae(path, dtype, channels_last)
             config = config or AutoencoderKLConfig.from_diffusers(single_file.vae_config_from_shapes(state_dict, path))
         with torch.device("meta"):
             model = cls(config)

@@ -228,7 +228,7 @@ def build(pipeline, sd_dir, lora_path, context_path, device, dtype, timer, steps
     from safetensors.torch import load_file
     context = load_file(context_path)["context"].to(device, dtype)
     if pipeline == "ours":
-        model = FlowSR.load(lora_path, base=sd_dir, context=context, dtype=dtype).to(device).eval()
+        model = FlowSR.load(lora_path, base=sd_dir, context=context, dtype=dtype, channels_last=True).to(device).eval()
         model.encode, model.decode = timer.wrap("vae_encode", model.encode), timer.wrap("vae_decode", model.decode)
         model.unet.forward = timer.wrap("unet", model.unet.forward)
         cfg = SampleConfig(steps=steps, upsample="bilinear", device=device.type)

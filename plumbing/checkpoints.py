@@ -39,7 +39,7 @@ def save_lora(model, path, unet_targets, vae_targets, unet_rank, vae_rank, extra
                                                                            **(extra or {})})})
 
 
-def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None):
+def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None, channels_last=False):
     """A `cls` (FlowSR) rebuilt from a checkpoint of either kind; see FlowSR.load."""
     meta = read_metadata(path)
     own = json_object(meta.get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
@@ -55,7 +55,8 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
             raise WeightsError(f"{path}: a LoRA checkpoint on SD 2.1-base: give the base model (--base)")
         if not isinstance(base, str) or not os.path.exists(base):
             raise WeightsError(f"{path}: its base model {base} is not there: give it with --base")
-        model = cls.sd21(base, prompt or run.get("prompt") or None, context, upsample, dtype, cache_dir)
+        model = cls.sd21(base, prompt or run.get("prompt") or None, context, upsample, dtype, cache_dir,
+                         channels_last)
         check_text_width(path, model.unet, base)
         lora.apply_flowsr_checkpoint(path, model.unet, model.ae, merge=True)
         return model
@@ -79,7 +80,7 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
-    state = read_state_dict(path, dtype=dtype)
+    state = read_state_dict(path, dtype=dtype, channels_last=channels_last)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
         raise WeightsError(f"{path}: tensors that are not floating point: {', '.join(not_float[:5])}")

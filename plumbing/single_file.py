@@ -38,9 +38,9 @@ DOWN_BLOCK = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}  # diffusers' 
 UP_BLOCK = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
 
 
-def read_unet(path, dtype=None):
+def read_unet(path, dtype=None, channels_last=False):
     """(config.json-style dict, state dict in diffusers names) of the UNet in an original SD file."""
-    ldm = under(read_state_dict(path, UNET_PREFIX, dtype), UNET_PREFIX)
+    ldm = under(read_state_dict(path, UNET_PREFIX, dtype, channels_last), UNET_PREFIX)
     if not ldm:
         if "conv_in.weight" in read_state_dict(path, "conv_in.weight"):
             raise WeightsError(f"{path}: diffusers-layout UNet weights; pass the folder holding it and its config.json")
@@ -162,11 +162,11 @@ LDM_VAE_RENAMES = [
 ATTENTION_LINEAR = re.compile(r"\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
-def read_vae(path, dtype=None):
+def read_vae(path, dtype=None, channels_last=False):
     """The VAE of an SD file (under first_stage_model.), or of a bare VAE file such as
     vae-ft-mse-840000-ema-pruned.ckpt (LDM or diffusers names, no prefix), in diffusers names."""
-    return convert_ldm_vae(under(read_state_dict(path, VAE_PREFIX, dtype), VAE_PREFIX)
-                           or read_state_dict(path, dtype=dtype))
+    return convert_ldm_vae(under(read_state_dict(path, VAE_PREFIX, dtype, channels_last), VAE_PREFIX)
+                           or read_state_dict(path, dtype=dtype, channels_last=channels_last))
 
 
 def convert_ldm_vae(state_dict):

@@ -27,13 +27,15 @@ class WeightsError(ValueError):
     """A weight file that is unreadable or does not fit the model; the message is one line."""
 
 
-def read_state_dict(path, prefix=None, dtype=None):
+def read_state_dict(path, prefix=None, dtype=None, channels_last=False):
     """Read the tensors of a .safetensors or pickle weight file into a dict (one copy).
 
     With `dtype`, each floating-point tensor is converted as it is read, so an fp32 file loads into bf16
     holding only the bf16 copy (plus one fp32 tensor at a time), never both whole state dicts. A .safetensors
     file is then read with plain reads rather than memory-mapped: the mapped fp32 pages would stay resident
     (and count in the process's memory) until the file closes, beside the converted copies.
+    With `channels_last`, 4-D tensors (convolution kernels) are laid out channels-last as they are read: a
+    convolution given channels-last activations and a contiguous kernel re-lays the kernel out on every call.
 
     With `prefix`, only the tensors whose names start with it (names unchanged). A .safetensors file then
     reads just those bytes: an original SD file holds UNet, VAE and text encoder in one 5 GB file
@@ -49,9 +51,9 @@ def read_state_dict(path, prefix=None, dtype=None):
         try:
             with safe_open(path, framework="pt") as f:  # the header lists the names; tensors load on demand
                 keys = [k for k in f.keys() if k.startswith(prefix)]  # safe_open has checked the header
-                if not any(_converts(f.get_slice(k).get_dtype(), dtype) for k in keys):
+                if not any(_converts(f.get_slice(k), dtype, channels_last) for k in keys):
                     return {k: f.get_tensor(k) for k in keys}  # memory-mapped, no copy
-            return _read_safetensors_as(path, keys, dtype)
+            return _read_safetensors_as(path, keys, dtype, channels_last)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     if path.endswith(PICKLE_SUFFIXES):
@@ -63,7 +65,7 @@ def read_state_dict(path, prefix=None, dtype=None):
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise WeightsError(f"{path}: does not hold a flat dict of tensors")
-        return {k: _as(v, dtype) for k, v in obj.items() if k.startswith(prefix)}
+        return {k: _as(v, dtype, channels_last) for k, v in obj.items() if k.startswith(prefix)}
     raise WeightsError(f"{path}: unknown weight file type (expected .safetensors, .ckpt, .bin, .pt or .pth)")
 
 
@@ -72,9 +74,9 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_safetensors_as(path, keys, dtype):
-    """The tensors `keys` of a .safetensors file (8-byte header size, JSON header, data), each converted to
-    `dtype` before the next is read."""
+def _read_safetensors_as(path, keys, dtype, channels_last):
+    """The tensors `keys` of a .safetensors file (8-byte header size, JSON header, data), each converted (see
+    read_state_dict) before the next is read."""
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
@@ -88,17 +90,21 @@ def _read_safetensors_as(path, keys, dtype):
                 raise ValueError(f"{key}: file ends inside the tensor")
             file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             flat = torch.frombuffer(data, dtype=file_dtype) if data else torch.empty(0, dtype=file_dtype)
-            tensors[key] = _as(flat.view(entry["shape"]), dtype)
+            tensors[key] = _as(flat.view(entry["shape"]), dtype, channels_last)
         return tensors
 
 
-def _converts(safetensors_dtype, dtype):
-    stored = SAFETENSORS_DTYPES.get(safetensors_dtype)
-    return dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
+def _converts(stored, dtype, channels_last):
+    """Whether `stored` (a safetensors slice) changes when read with these options."""
+    stored_dtype = SAFETENSORS_DTYPES.get(stored.get_dtype())
+    new_dtype = dtype is not None and stored_dtype is not None and stored_dtype.is_floating_point and stored_dtype != dtype
+    return new_dtype or (channels_last and len(stored.get_shape()) == 4)
 
 
-def _as(tensor, dtype):
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def _as(tensor, dtype, channels_last=False):
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
 
 
 def find_weights_file(folder, names):

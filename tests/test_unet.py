@@ -146,6 +146,32 @@ def test_bin_weights_and_dtype(tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("source", ["folder", "single file"])
+def test_channels_last_kernels_and_in_place_inference_change_nothing(tmp_path, source):
+    """What inference loads (channels-last kernels) and runs (in-place SiLU and adds without autograd) computes
+    what the plain model computes, and leaves its inputs alone."""
+    ref = reference(SD2_STYLE)
+    if source == "folder":
+        ref.save_pretrained(tmp_path / "unet")
+        path = tmp_path
+    else:
+        path = tmp_path / "sd.safetensors"
+        write_single_file(ref, str(path))
+    fast = unet.UNet.from_pretrained(path, channels_last=True)
+    plain = unet.UNet.from_pretrained(path)
+    kernels = [p for p in fast.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for p in plain.parameters() if p.dim() == 4)
+    z, t, context = inputs(ref)
+    z = z.contiguous(memory_format=torch.channels_last)
+    z_before = z.clone()
+    expected = plain(z, t, context)  # autograd on: the out-of-place path
+    with torch.no_grad():
+        got = fast(z, t, context)
+    assert torch.equal(z, z_before)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("config,name", [(SD2_STYLE, "sd2.safetensors"), (SD1_STYLE, "sd1.ckpt")])
 def test_single_file_matches_diffusers(config, name, tmp_path):
     ref = reference(config)
@@ -242,8 +268,8 @@ def test_single_file_reads_only_unet_tensors(tmp_path, monkeypatch):
     write_single_file(reference(SD2_STYLE), str(tmp_path / "sd.safetensors"))
     read = []
 
-    def recording(path, prefix=None, dtype=None):
-        tensors = weights.read_state_dict(path, prefix, dtype)
+    def recording(path, prefix=None, dtype=None, channels_last=False):
+        tensors = weights.read_state_dict(path, prefix, dtype, channels_last)
         read.extend(tensors)
         return tensors
 

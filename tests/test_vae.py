@@ -146,8 +146,8 @@ def test_single_file_reads_only_vae_tensors(tiny, tmp_path, monkeypatch):
     save_file({**ldm, "model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd.safetensors")
     read = []
 
-    def recording(path, prefix=None, dtype=None):
-        tensors = weights.read_state_dict(path, prefix, dtype)
+    def recording(path, prefix=None, dtype=None, channels_last=False):
+        tensors = weights.read_state_dict(path, prefix, dtype, channels_last)
         read.extend(tensors)
         return tensors
 
@@ -161,6 +161,19 @@ def test_from_pretrained_dtype(tiny):
     half = vae.AutoencoderKL.from_pretrained(root, dtype=torch.float16)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
     assert not any(p.is_meta for p in half.parameters())
+
+
+def test_channels_last_kernels_and_in_place_inference_change_nothing(tiny):
+    """Inference's channels-last kernels and in-place SiLU / adds (no autograd) give the plain model's output."""
+    _, root = tiny
+    fast, plain = vae.AutoencoderKL.from_pretrained(root, channels_last=True), vae.AutoencoderKL.from_pretrained(root)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    x = image().contiguous(memory_format=torch.channels_last)
+    x_before = x.clone()
+    expected = plain.decode(plain.encode(x))  # autograd on: the out-of-place path
+    with torch.no_grad():
+        got = fast.decode(fast.encode(x))
+    assert torch.equal(x, x_before) and (got - expected).abs().max() < 1e-5
 
 
 def test_tiled_single_tile_is_exact(tiny):

@@ -92,6 +92,16 @@ def test_dtype_converts_pickles_too(tmp_path, kind):
     assert set(read) == UNET and all(read[k].dtype == torch.float16 for k in read)
 
 
+@pytest.mark.parametrize("name", ["k.safetensors", "k.ckpt"])
+def test_channels_last_lays_out_kernels_only(tmp_path, name):
+    tensors = {"conv.weight": torch.randn(8, 4, 3, 3), "conv.bias": torch.randn(8), "proj.weight": torch.randn(4, 4)}
+    save_file(tensors, tmp_path / name) if name.endswith(".safetensors") else torch.save(tensors, tmp_path / name)
+    read = weights.read_state_dict(tmp_path / name, channels_last=True)
+    assert read["conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not read["conv.weight"].is_contiguous()
+    assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in tensors.items())
+
+
 def assert_one_line_error(fn, path, words):
     with pytest.raises(WeightsError) as info:
         fn()
