@@ -5,6 +5,7 @@
     python sample.py in.png --base SD21_DIR --checkpoint flowsr.safetensors   # the published weights
     python sample.py in.png --checkpoint runs/x/final.safetensors            # any train.py model
     torchrun --nproc_per_node=4 sample.py shots/ -o out/                     # a folder split over 4 processes
+    python sample.py frames/ -o out/ --batch-size 8                          # same-size frames 8 at a time
 
 The pipeline is flowsr.super_resolve: up(x_LR) -> z_L = s * E(x) -> flow.sample (one Euler step, or N on
 the shifted grid) -> D(z_H / s) -> colour fix, following the published FlowSR inference code (SPEC 7).
@@ -66,6 +67,8 @@ class SampleConfig:
     posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does",
                           choices=("mean", "sample"))
     seed: int = flag(0, "seed of --posterior sample (each image starts from it)")
+    batch_size: int = flag(1, "consecutive inputs of the same size go through the networks together, up to this "
+                           "many (memory grows with it; a GPU gains most)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     dtype: str = flag("auto", "compute precision (auto: bf16 where the hardware computes it natively, else fp32)",
                       choices=("auto", *DTYPES))
@@ -132,22 +135,65 @@ def plan_outputs(paths, cfg):
     return jobs, errors
 
 
-def process(model, path, out, cfg, progress):
-    compare_out = os.path.splitext(out)[0] + "_compare.png"
-    for target in [out] + ([compare_out] if cfg.compare else []):
+@dataclass
+class Input:
+    path: str
+    out: str
+    lr: torch.Tensor  # (3, h, w) in [0, 1]
+    alpha: torch.Tensor = None  # (1, h, w) or None
+
+
+def load_input(path, out, cfg):
+    """The image of one job, once its outputs are known to be writable."""
+    for target in [out] + ([compare_path(out)] if cfg.compare else []):
         if os.path.exists(target) and not cfg.overwrite:
             raise ImageError(f"{path}: {target} exists (use --overwrite to replace it)")
-    lr, alpha = load_image(path, max_pixels=cfg.max_pixels)  # (3, h, w) in [0, 1], alpha (1, h, w) or None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sr = super_resolve(model, lr[None], cfg, generator, progress)[0].cpu()  # (3, 4h, 4w)
-    if alpha is not None and os.path.splitext(out)[1].lower() not in (".jpg", ".jpeg"):
-        alpha = F.interpolate(alpha[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)  # (1, 4h, 4w)
-    else:
-        alpha = None
-    save_image(sr, out, alpha)
+    return Input(path, out, *load_image(path, max_pixels=cfg.max_pixels))
+
+
+def compare_path(out):
+    return os.path.splitext(out)[0] + "_compare.png"
+
+
+def run_batch(model, batch, cfg, errors):
+    """Super-resolve same-size inputs together and write each; returns how many were written."""
+    started = time.perf_counter()
+    try:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        srs = super_resolve(model, torch.stack([item.lr for item in batch]), cfg, generator, cfg.verbose).cpu()
+    except torch.OutOfMemoryError:
+        message = "out of memory (try a smaller --batch-size / --tile-size / --vae-tile-size)"
+        return report_failure(batch, errors, lambda item: f"{item.path}: {message}")
+    except (ValueError, RuntimeError) as e:
+        return report_failure(batch, errors, lambda item: one_line(e, item.path))
+    written = 0
+    for item, sr in zip(batch, srs):  # sr: (3, 4h, 4w)
+        try:
+            save_outputs(item, sr, cfg)
+        except (ValueError, OSError) as e:
+            report_failure([item], errors, lambda item: one_line(e, item.path))
+        else:
+            written += 1
+            if not cfg.quiet:
+                tqdm.write(f"wrote {item.out} ({(time.perf_counter() - started) / len(batch):.1f} s)")
+    return written
+
+
+def report_failure(items, errors, message):
+    for item in items:
+        errors.append(item.path)
+        tqdm.write(f"error: {message(item)}", file=sys.stderr)
+    return 0
+
+
+def save_outputs(item, sr, cfg):
+    alpha = None
+    if item.alpha is not None and os.path.splitext(item.out)[1].lower() not in (".jpg", ".jpeg"):
+        alpha = F.interpolate(item.alpha[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)  # (1, 4h, 4w)
+    save_image(sr, item.out, alpha)
     if cfg.compare:
-        up = F.interpolate(lr[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)
-        save_image(torch.cat([up, sr], dim=2), compare_out)
+        up = F.interpolate(item.lr[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)
+        save_image(torch.cat([up, sr], dim=2), compare_path(item.out))
 
 
 # ---- the command line ------------------------------------------------------------------------------------
@@ -161,6 +207,10 @@ def check_flags(cfg, n_inputs):
         return "tile sizes must be >= 0 (--tile-size -1: the model's own) and --tile-overlap in [0, --tile-size)"
     if cfg.max_pixels < 1:
         return "--max-pixels must be positive"
+    if cfg.batch_size < 1:
+        return "--batch-size must be at least 1"
+    if cfg.batch_size > 1 and cfg.posterior == "sample":
+        return "--batch-size > 1 needs --posterior mean (with sample, each image draws its own noise from --seed)"
     if extension in IMAGE_EXTENSIONS and extension not in SAVE_FORMATS:
         return f"-o {cfg.output}: cannot write {extension} (use one of {', '.join(SAVE_FORMATS)})"
     if extension in IMAGE_EXTENSIONS and n_inputs > 1:
@@ -258,21 +308,20 @@ def main(argv=None):
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     jobs = jobs[rank::world]  # under torchrun each process takes every world-th image
-    written = 0
+    written, batch = 0, []  # batch: loaded inputs of one size, waiting to go through the model together
     for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2 or world > 1):
-        started = time.perf_counter()
         try:
-            process(model, path, out, cfg, progress=cfg.verbose)
-        except torch.OutOfMemoryError:
-            errors.append(path)
-            tqdm.write(f"error: {path}: out of memory (try a smaller --tile-size / --vae-tile-size)", file=sys.stderr)
-        except (ValueError, OSError, RuntimeError) as e:  # ImageError is a ValueError
+            item = load_input(path, out, cfg)
+        except (ValueError, OSError) as e:  # ImageError is a ValueError
             errors.append(path)
             tqdm.write(f"error: {one_line(e, path)}", file=sys.stderr)
-        else:
-            written += 1
-            if not cfg.quiet:
-                tqdm.write(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
+            continue
+        if batch and (len(batch) == cfg.batch_size or item.lr.shape != batch[0].lr.shape):
+            written += run_batch(model, batch, cfg, errors)
+            batch = []
+        batch.append(item)
+    if batch:
+        written += run_batch(model, batch, cfg, errors)
     if world > 1:
         return summarize(written, len(errors), rank, world, cfg.quiet)
     return 1 if errors else 0
