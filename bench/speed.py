@@ -1,8 +1,13 @@
-"""Speed and peak memory of one-step x4 SR: this project vs a diffusers + PEFT reference (issue 5).
+"""Speed and peak memory of one-step x4 SR: this project vs a diffusers + PEFT reference.
 
-    python bench/speed.py --device cpu --dtype fp32 --runs 3
-    python bench/speed.py --cases tiled 2048                          # add (or redo) cases in the results file
-    python bench/speed.py --device cuda --dtype bf16 --runs 10        # bench/gpu.sh does this on a GPU box
+    python bench/speed.py                                    # fp32 and bf16 rows, the default row, 3 photos end to end
+    python bench/speed.py --cases tiled 2048 --dtypes fp32   # add (or redo) rows in the results file
+    python bench/speed.py --device cuda --runs 10            # bench/gpu.sh does this on a GPU box
+
+Rows: for each of --dtypes, ours against the reference at that dtype; then ours at sample.py's default dtype
+(--dtype auto: bf16 where the hardware computes it natively) against the reference in fp32, which is what a
+user of the published code runs; then the same two end to end on --photos photos (a fresh process per round:
+imports, loading and every image, as a user waits for them).
 
 Both pipelines run the same random weights at the real Stable Diffusion 2.1-base size (UNet 865.9 M
 parameters, VAE 83.7 M), written once to --work-dir in the diffusers folder layout, plus a random rank-4
@@ -20,9 +25,9 @@ the VAE encoder). No pretrained weights are needed: speed and memory do not depe
 The text context (1, 77, 1024) comes from a tiny random CLIP text encoder: both pipelines compute the
 embedding of their fixed prompt once and cache it, so the text encoder is not part of either timing.
 Each pipeline runs in its own subprocess, so its RSS high-water mark (ru_maxrss, loading included) is its
-own; on CUDA the peak of torch.cuda.max_memory_allocated is reported too. Both processes of a case stay
+own; on CUDA the peak of torch.cuda.max_memory_allocated is reported too. Both processes of a row stay
 loaded and their runs alternate, so a change of background load hits both alike. Times: median of --runs,
-after one small warm-up run. Results: bench/results/speed_DEVICE_DTYPE.{json,md}, written after every case.
+after one small warm-up run. Results: bench/results/speed_DEVICE.{json,md}, written after every row.
 """
 import datetime
 import json
@@ -43,10 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing.flags import flag, parse  # noqa: E402
 from data import load_image  # noqa: E402
 from flowsr import FLOWSR_PROMPT_IDS, SD2_PAD_ID, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets  # noqa: E402
-from sample import DTYPES, SampleConfig, super_resolve  # noqa: E402
+from sample import DTYPES, SampleConfig, native_bf16, super_resolve  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PHOTO = os.path.join(os.path.dirname(HERE), "photos", "train", "astronaut.png")
+PHOTOS = [os.path.join(os.path.dirname(HERE), "photos", "train", name)
+          for name in ("astronaut.png", "coffee.png", "camera.png")]
 CASES = {  # key: (title, LR side, Euler steps, pipelines); latents above 96 run in tiles in both pipelines
     "1step": ("128->512, 1 step", 128, 1, ("ours", "reference")),
     "4steps": ("128->512, 4 steps", 128, 4, ("ours", "reference")),
@@ -54,6 +60,7 @@ CASES = {  # key: (title, LR side, Euler steps, pipelines); latents above 96 run
     "256": ("64->256, 1 step", 64, 1, ("ours",)),  # with 1step and tiled: how ours grows with the output size
     "2048": ("512->2048, 1 step, tiled", 512, 1, ("ours",)),
 }
+DEFAULT = "default"  # the dtype name of ours at sample.py's --dtype auto
 PAPER_GPU_SECONDS = 0.14  # FlowSR paper, 128->512, one step, on its GPU
 SD21_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
                       attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=64,
@@ -68,8 +75,10 @@ LORA_RANK = 4
 class BenchConfig:
     """Time and measure this project's one-step SR against a diffusers + PEFT reference."""
     device: str = flag("cpu", "cpu or cuda")
-    dtype: str = flag("fp32", "weights and compute precision", choices=("fp32", "bf16"))
-    runs: int = flag(3, "timed runs per case and pipeline (the median is reported)")
+    dtypes: list = flag(["fp32", "bf16"], "for each, ours against the reference at that dtype (fp32, bf16)")
+    default_row: bool = flag(True, "also ours at sample.py's default dtype against the reference in fp32")
+    photos: int = flag(3, "end-to-end rows: this many 128-px photos per fresh process, rounds as --runs (0: none)")
+    runs: int = flag(3, "timed runs per row and pipeline (the median is reported)")
     runs_tiled: int = flag(0, "timed runs of the tiled case (0: as --runs); the 2048 case runs once")
     cases: list = flag(list(CASES), f"cases to run ({', '.join(CASES)}); tiled and 2048 are slow on a CPU")
     fresh: bool = flag(False, "start a new results file instead of updating the cases of the existing one")
@@ -78,6 +87,8 @@ class BenchConfig:
     note: str = flag("", "free text saved with the results (e.g. what else ran on the machine)")
     worker: str = flag("", "internal: serve one pipeline's timed runs in this process", choices=("", "ours", "reference"))
     case: str = flag("", "internal: the case a worker runs", choices=("", *CASES))
+    dtype: str = flag("fp32", "internal: the dtype a worker runs", choices=("fp32", "bf16"))
+    oneshot: int = flag(0, "internal: run this many photos, report and exit (the end-to-end rows)")
 
 
 # ---- the reference pipeline: diffusers + PEFT, the published inference conventions (SPEC 7) ---------
@@ -243,9 +254,9 @@ def build(pipeline, sd_dir, lora_path, context_path, device, dtype, timer, steps
     return lambda lr: reference_super_resolve(unet, vae, scheduler, context, lr, steps)
 
 
-def test_image(side):
+def test_image(side, index=0):
     """A photo resized to side x side, (1, 3, side, side): the work does not depend on it, the output check does."""
-    image = load_image(PHOTO)[0][None]
+    image = load_image(PHOTOS[index % len(PHOTOS)])[0][None]
     return F.interpolate(image, size=(side, side), mode="bicubic", antialias=True).clamp(0, 1)
 
 
@@ -263,6 +274,11 @@ def worker(cfg):
     start = time.perf_counter()
     run = build(cfg.worker, *paths, device, dtype, timer, steps, tiled=side * 4 // 8 > 96)
     load_s, rss_loaded = time.perf_counter() - start, current_rss_mib()
+    if cfg.oneshot:  # as a user runs it: no warm-up, each photo once
+        for i in range(cfg.oneshot):
+            run(test_image(side, i).to(device))
+        synchronize(device)
+        return
     lr = test_image(side).to(device)
     run(test_image(32).to(device))  # warm-up: kernels, allocator, lazy inits
     print("READY", flush=True)
@@ -278,7 +294,7 @@ def worker(cfg):
         print(f"TIME {times[-1]}", flush=True)
     if not times:  # the parent went away before asking for a run
         return
-    out_path = os.path.join(cfg.work_dir, f"out-{cfg.worker}-{side}-{steps}.pt")
+    out_path = os.path.join(cfg.work_dir, f"out-{cfg.worker}-{cfg.dtype}-{side}-{steps}.pt")
     torch.save(sr.float().cpu(), out_path)
     result = {"times_s": times, "median_s": statistics.median(times), "stages_s": stages, "load_s": load_s,
               "rss_after_load_mib": rss_loaded,
@@ -293,11 +309,10 @@ def worker(cfg):
 class Worker:
     """A pipeline in its own process (so its memory high-water mark is its own), driven line by line."""
 
-    def __init__(self, cfg, pipeline, case):
-        self.name = f"{CASES[case][0]}: {pipeline}"
+    def __init__(self, cfg, pipeline, case, dtype):
+        self.name = f"{CASES[case][0]}: {pipeline} {dtype}"
         print(f"{self.name}: loading", file=sys.stderr, flush=True)
-        args = [sys.executable, os.path.abspath(__file__), "--worker", pipeline, "--case", case,
-                "--device", cfg.device, "--dtype", cfg.dtype, "--work-dir", cfg.work_dir]
+        args = worker_command(cfg, pipeline, case, dtype)
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.load_1min = []  # the machine's load average after each run: what else was running
         self.expect("READY")
@@ -323,15 +338,21 @@ class Worker:
         return {**result, "load_1min": self.load_1min}
 
 
-def measure(cfg, case, runs):
-    """A row {pipeline: result, ...}; the pipelines' runs alternate, so background load hits both alike."""
+def worker_command(cfg, pipeline, case, dtype):
+    return [sys.executable, os.path.abspath(__file__), "--worker", pipeline, "--case", case, "--device", cfg.device,
+            "--dtype", dtype, "--work-dir", cfg.work_dir]
+
+
+def measure(cfg, case, runs, dtypes):
+    """A row {pipeline: result, ...} with `dtypes` {pipeline: dtype}; the pipelines' runs alternate, so background
+    load hits both alike."""
     title, _, _, pipelines = CASES[case]
-    workers = {p: Worker(cfg, p, case) for p in pipelines}
+    workers = {p: Worker(cfg, p, case, dtypes[p]) for p in pipelines}
     for _ in range(runs):
         for w in workers.values():
             w.run()
-    row = {"title": title, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           **{p: w.finish() for p, w in workers.items()}}
+    row = {"title": title, "dtypes": {p: dtypes[p] for p in pipelines},
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), **{p: w.finish() for p, w in workers.items()}}
     if "reference" in row:
         ours, ref = row["ours"], row["reference"]
         row["ratio"] = ref["median_s"] / ours["median_s"]
@@ -340,12 +361,36 @@ def measure(cfg, case, runs):
     return row
 
 
+def end_to_end(cfg, rounds, dtypes):
+    """Each round, each pipeline in a fresh process: imports, loading and cfg.photos photos 128->512, wall clock."""
+    times = {p: [] for p in dtypes}
+    for _ in range(rounds):
+        for pipeline, dtype in dtypes.items():
+            command = worker_command(cfg, pipeline, "1step", dtype) + ["--oneshot", str(cfg.photos)]
+            start = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            times[pipeline].append(time.perf_counter() - start)
+            print(f"{cfg.photos} photos end to end: {pipeline} {dtype}: {times[pipeline][-1]:.1f} s", file=sys.stderr,
+                  flush=True)
+    row = {"title": f"{cfg.photos} photos 128->512, 1 step, end to end", "dtypes": dtypes,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           **{p: {"times_s": t, "median_s": statistics.median(t)} for p, t in times.items()}}
+    row["ratio"] = row["reference"]["median_s"] / row["ours"]["median_s"]
+    row["ratio_per_run"] = [r / o for r, o in zip(times["reference"], times["ours"])]
+    return row
+
+
 def machine():
     cpu = "unknown"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    flags = {name: fn() for name, fn in (("amx", torch.cpu._is_amx_tile_supported),
+                                         ("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
+                                         ("avx512", torch.cpu._is_avx512_supported),
+                                         ("avx2", torch.cpu._is_avx2_supported))}
+    info = {"cpu": cpu, "cpu_flags": [k for k, v in flags.items() if v], "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
     if torch.cuda.is_available():
@@ -360,37 +405,59 @@ def output_difference(a_path, b_path):
     return (a - b).abs().max().item(), (10 * torch.log10(torch.tensor(1 / mse)).item() if mse else float("inf"))
 
 
+def row_key(case, dtypes):
+    return f"{case}/" + "/".join(dtypes[p] for p in ("ours", "reference") if p in dtypes)
+
+
 def markdown(report):
-    m, cases = report["machine"], report["cases"]
+    m, rows = report["machine"], report["rows"]
     mem = "peak_cuda_mib" if report["device"] == "cuda" else "peak_rss_mib"
-    lines = [f"# Speed: {report['device']} {report['dtype']}", "",
-             f"{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}. "
-             f"{report['note']}", "",
-             "| case | ours (s) | reference (s) | reference / ours (per run) | peak memory ours / reference (MiB) "
-             "| outputs: max abs diff / PSNR | date; load average after each run (ours/ref) |", "|---|---|---|---|---|---|---|"]
-    for row in (cases[k] for k in CASES if k in cases and "reference" in cases[k]):
+    lines = [f"# Speed: {report['device']}", "",
+             f"{m.get('gpu', m['cpu'])} (CPU flags: {', '.join(m.get('cpu_flags', [])) or 'none checked'}), "
+             f"{m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; sample.py's default dtype "
+             f"here: {report.get('default_dtype', '?')}. {report['note']}", "",
+             "| row | ours | reference | reference / ours (per run) | peak memory ours / reference (MiB) "
+             "| outputs: max abs diff / PSNR | date; load average after each run (ours/ref) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in (r for r in rows.values() if "reference" in r):
         ours, ref = row["ours"], row["reference"]
         per_run = ", ".join(f"{r:.2f}" for r in row["ratio_per_run"])
-        loads = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(ours["load_1min"], ref["load_1min"]))
-        lines.append(f"| {row['title']} ({len(ours['times_s'])} runs) | {ours['median_s']:.2f} | {ref['median_s']:.2f} "
-                     f"| **{row['ratio']:.2f}x** ({per_run}) | {ours[mem]:.0f} / {ref[mem]:.0f} | "
-                     f"{row['max_abs_diff']:.1e} / {row['psnr_between_db']:.1f} dB | {row['date']}; {loads} |")
+        memory = f"{ours[mem]:.0f} / {ref[mem]:.0f}" if mem in ours else "-"
+        diff = f"{row['max_abs_diff']:.1e} / {row['psnr_between_db']:.1f} dB" if "max_abs_diff" in row else "-"
+        loads = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(ours.get("load_1min", []), ref.get("load_1min", [])))
+        lines.append(f"| {row['title']} ({len(ours['times_s'])} runs) | {ours['median_s']:.2f} s "
+                     f"{row['dtypes']['ours']} | {ref['median_s']:.2f} s {row['dtypes']['reference']} "
+                     f"| **{row['ratio']:.2f}x** ({per_run}) | {memory} | {diff} | {row['date']}; {loads} |")
     lines += ["", f"Memory: {'CUDA max_memory_allocated' if report['device'] == 'cuda' else 'RSS high-water mark'}"
-              " of the pipeline's own process, loading included. The FlowSR paper reports "
+              " of the pipeline's own process, loading included. End-to-end rows: wall clock of a fresh process "
+              "(imports, loading, each photo once). The FlowSR paper reports "
               f"{PAPER_GPU_SECONDS} s for 128->512 on its GPU."]
-    if "1step" in cases:
-        lines += ["", "Share of time, 128->512, one step (median run):", "",
-                  "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
+    loads = [(k, r["ours"]["load_s"], r["reference"]["load_s"]) for k, r in rows.items()
+             if k.startswith("1step/") and "reference" in r]
+    if loads:
+        lines += ["", "Loading (base + checkpoint, in the timed process): " + "; ".join(
+            f"ours {k.split('/')[1]} {o:.1f} s, reference {k.split('/')[2]} {r:.1f} s" for k, o, r in loads) + "."]
+    if "bf16_vs_fp32" in report:
+        diff, psnr = report["bf16_vs_fp32"]
+        lines += ["", f"Ours in bf16 against ours in fp32, 128->512 one step (random SD 2.1-size weights): max abs "
+                      f"difference {diff:.1e}, PSNR {psnr:.1f} dB."]
+    for key in (k for k in rows if k.startswith("1step/") and "reference" in rows[k]):
+        if key == next(k for k in rows if k.startswith("1step/")):
+            lines += ["", "Share of time, 128->512, one step (median run):", "",
+                      "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
         for pipeline in ("ours", "reference"):
-            share = stage_shares(cases["1step"][pipeline])
-            lines.append(f"| {pipeline} | " + " | ".join(f"{100 * share[k]:.0f}%"
-                                                      for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
-    sizes = [(CASES[k][1] * 4, cases[k]["ours"]) for k in ("256", "1step", "tiled", "2048") if k in cases]
-    if sizes:
-        lines += ["", "Ours, one step, by output size:", "", "| output | seconds | runs | s per megapixel | peak "
-                  "memory (MiB) |", "|---|---|---|---|---|"]
-        lines += [f"| {side} px | {r['median_s']:.2f} | {len(r['times_s'])} | {r['median_s'] / (side ** 2 / 1e6):.2f} "
-                  f"| {r[mem]:.0f} |" for side, r in sizes]
+            share = stage_shares(rows[key][pipeline])
+            lines.append(f"| {pipeline} {rows[key]['dtypes'][pipeline]} | " + " | ".join(
+                f"{100 * share[k]:.0f}%" for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
+    for dtype in ("fp32", "bf16"):
+        sizes = [(CASES[c][1] * 4, rows[k]["ours"]) for c in ("256", "1step", "tiled", "2048")
+                 for k in [row_key(c, {"ours": dtype, "reference": dtype} if "reference" in CASES[c][3]
+                                   else {"ours": dtype})] if k in rows]
+        if sizes:
+            lines += ["", f"Ours, one step, {dtype}, by output size:", "", "| output | seconds | runs | s per megapixel "
+                      "| peak memory (MiB) |", "|---|---|---|---|---|"]
+            lines += [f"| {side} px | {r['median_s']:.2f} | {len(r['times_s'])} | "
+                      f"{r['median_s'] / (side ** 2 / 1e6):.2f} | {r[mem]:.0f} |" for side, r in sizes]
     return "\n".join(lines) + "\n"
 
 
@@ -408,23 +475,41 @@ def main(argv=None):
         return worker(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
-    unknown = [c for c in cfg.cases if c not in CASES]
+    unknown = [c for c in cfg.cases if c not in CASES] + [d for d in cfg.dtypes if d not in ("fp32", "bf16")]
     if unknown:
-        sys.exit(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        sys.exit(f"error: unknown case(s) or dtype(s) {', '.join(unknown)}; cases: {', '.join(CASES)}; "
+                 f"dtypes: fp32, bf16")
+    default_dtype = "bf16" if native_bf16(torch.device(cfg.device))[0] else "fp32"
+    plan = [(case, {p: dtype for p in CASES[case][3]}) for dtype in cfg.dtypes for case in CASES if case in cfg.cases]
+    if cfg.default_row and default_dtype != "fp32" and "1step" in cfg.cases:
+        plan.append(("1step", {"ours": default_dtype, "reference": "fp32"}))
     prepare(cfg.work_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    stem = os.path.join(cfg.out_dir, f"speed_{cfg.device}_{cfg.dtype}")
-    report = {"device": cfg.device, "dtype": cfg.dtype, "note": cfg.note, "machine": machine(), "cases": {}}
-    if os.path.exists(stem + ".json") and not cfg.fresh:  # cases run earlier stay, unless run again
+    stem = os.path.join(cfg.out_dir, f"speed_{cfg.device}")
+    report = {"device": cfg.device, "default_dtype": default_dtype, "note": cfg.note, "machine": machine(),
+              "rows": {}}
+    if os.path.exists(stem + ".json") and not cfg.fresh:  # rows run earlier stay, unless run again
         with open(stem + ".json") as f:
-            report["cases"] = json.load(f)["cases"]
-    for case in [c for c in CASES if c in cfg.cases]:
-        runs = {"2048": 1, "tiled": cfg.runs_tiled or cfg.runs}.get(case, cfg.runs)
-        report["cases"][case] = measure(cfg, case, runs)
-        with open(stem + ".json", "w") as f:  # after every case, so an interrupted run keeps what it measured
+            report["rows"] = json.load(f)["rows"]
+
+    def save():  # after every row, so an interrupted run keeps what it measured
+        with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(markdown(report))
+    for case, dtypes in plan:
+        runs = {"2048": 1, "tiled": cfg.runs_tiled or cfg.runs}.get(case, cfg.runs)
+        report["rows"][row_key(case, dtypes)] = measure(cfg, case, runs, dtypes)
+        outputs = [os.path.join(cfg.work_dir, f"out-ours-{d}-128-1.pt") for d in ("bf16", "fp32")]
+        if all(os.path.exists(p) for p in outputs):
+            report["bf16_vs_fp32"] = output_difference(*outputs)
+        save()
+    end_to_end_rows = [{"ours": d, "reference": d} for d in cfg.dtypes if d == "fp32"]
+    if cfg.default_row and default_dtype != "fp32":
+        end_to_end_rows.append({"ours": default_dtype, "reference": "fp32"})
+    for dtypes in end_to_end_rows if cfg.photos else []:
+        report["rows"][row_key("photos", dtypes)] = end_to_end(cfg, cfg.runs, dtypes)
+        save()
     print(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
 
