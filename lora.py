@@ -80,12 +80,18 @@ class LoRALayer(nn.Module):
             return out
         return out + self.scale * self.lora_B[self.adapter](self.lora_A[self.adapter](x))
 
-    def delta_weight(self):
-        """(alpha / rank) * B @ A in the base weight's shape; for a conv, B's 1x1 kernel mixes A's kernels."""
-        a = self.lora_A[self.adapter].weight.flatten(1).float()  # (r, in * kh * kw), kh = kw = 1 for Linear
-        b = self.lora_B[self.adapter].weight.flatten(1).float()  # (out, r)
-        weight = self.base_layer.weight
-        return (self.scale * (b @ a)).view(weight.shape).to(weight.dtype)  # (out, in[, kh, kw])
+    def merge(self):
+        """W += (alpha / rank) * B @ A, in place and in W's own memory layout, with no full-size temporary.
+
+        For a conv, B's 1x1 kernel mixes A's kernels. A channels-last kernel (in memory: out, kh, kw, in) is
+        updated through the 2-D view that walks its memory in order, with A's kernels permuted alike."""
+        weight = self.base_layer.weight  # (out, in[, kh, kw])
+        a = self.lora_A[self.adapter].weight  # (r, in[, kh, kw])
+        b = self.lora_B[self.adapter].weight.flatten(1)  # (out, r)
+        if weight.dim() == 4 and not weight.is_contiguous():
+            weight, a = weight.permute(0, 2, 3, 1), a.permute(0, 2, 3, 1)  # (out, kh, kw, in), contiguous
+        rows = weight.view(weight.shape[0], -1)  # (out, in * kh * kw) in memory order
+        rows.addmm_(b.to(rows.dtype), a.reshape(a.shape[0], -1).to(rows.dtype), alpha=self.scale)
 
 
 def target_matches(name, target_modules):
@@ -170,7 +176,7 @@ def merge_lora(model):
     """Fold W += (alpha / r) * B @ A into every wrapped layer and put the plain layer back in its place."""
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            layer.base_layer.weight += layer.delta_weight()
+            layer.merge()
             model.set_submodule(name, layer.base_layer)
     return model
 

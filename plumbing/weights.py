@@ -76,21 +76,26 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def _read_safetensors_as(path, keys, dtype, channels_last):
     """The tensors `keys` of a .safetensors file (8-byte header size, JSON header, data), each converted (see
-    read_state_dict) before the next is read."""
+    read_state_dict) before the next is read. A tensor that converts is read into one reused scratch buffer,
+    so the memory of its stored form is allocated once, not once per tensor."""
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
-        tensors = {}
+        tensors, scratch = {}, bytearray()
         for key in keys:
             entry = header[key]
             start, end = entry["data_offsets"]
+            file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            if len(scratch) < end - start:
+                scratch = bytearray(end - start)
+            data = memoryview(scratch)[:end - start]
             f.seek(8 + header_size + start)
-            data = bytearray(end - start)
             if f.readinto(data) != len(data):
                 raise ValueError(f"{key}: file ends inside the tensor")
-            file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            flat = torch.frombuffer(data, dtype=file_dtype) if data else torch.empty(0, dtype=file_dtype)
-            tensors[key] = _as(flat.view(entry["shape"]), dtype, channels_last)
+            stored = torch.frombuffer(data, dtype=file_dtype) if data else torch.empty(0, dtype=file_dtype)
+            tensor = _as(stored.view(entry["shape"]), dtype, channels_last)
+            # a tensor that did not change still lies in the scratch buffer, which the next read overwrites
+            tensors[key] = tensor.clone() if tensor.data_ptr() == stored.data_ptr() and data else tensor
         return tensors
 
 
@@ -102,9 +107,11 @@ def _converts(stored, dtype, channels_last):
 
 
 def _as(tensor, dtype, channels_last=False):
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
+    """`tensor` in `dtype` (floating point only) and, if 4-D and asked, channels-last: one copy, or none."""
+    dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    if channels_last and tensor.dim() == 4:
+        return tensor.to(dtype=dtype, memory_format=torch.channels_last)
+    return tensor.to(dtype)
 
 
 def find_weights_file(folder, names):

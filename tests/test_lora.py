@@ -287,6 +287,35 @@ def test_conv_merge_with_stride_dilation_and_reflect_padding():
     assert_close(model(x).detach(), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_merge_in_place_keeps_the_kernel_layout(layout, dtype):
+    """Merging adds B @ A into the kernel where it lies (channels-last too), one rounding in bf16."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.set_(conv.weight.contiguous(memory_format=layout))
+    model = nn.Sequential(conv)
+    lora.inject_lora(model, ["0"], 2, alpha=4)
+    with torch.no_grad():
+        model[0].lora_B.default.weight.normal_()
+    x = torch.randn(1, 6, 8, 8).contiguous(memory_format=layout)
+    expected = model(x).detach()  # fp32, unmerged
+    exact = conv.weight.detach() + 2 * (model[0].lora_B.default.weight.flatten(1)
+                                       @ model[0].lora_A.default.weight.flatten(1)).view(5, 6, 3, 3)
+    model.to(dtype)
+    pointer = conv.weight.data_ptr()
+    lora.merge_lora(model)
+    assert model[0] is conv and conv.weight.data_ptr() == pointer  # in place
+    assert conv.weight.is_contiguous(memory_format=layout)
+    if dtype == torch.float32:
+        assert_close(model(x).detach(), expected)
+        assert (conv.weight - exact).abs().max() < 1e-5
+    else:
+        assert torch.equal(conv.weight.float(), exact.bfloat16().float()) or \
+            (conv.weight.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7  # within a bf16 rounding
+
+
 def test_load_lora_state_dict_is_strict():
     model = Block()
     lora.inject_lora(model, ["conv1", "to_q"], 2)
