@@ -16,7 +16,6 @@ tiles (they only bound memory, which these small models do not need); seconds ar
 Flat content (each held-out photo blurred, rocket's sky; bicubic inputs): a super-resolver must add nothing.
 Writes bench/results/reproduce{,_smoke}.{json,md} and crops{,_smoke}.png.
 """
-import datetime
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from evaluate import niqe, psnr_y, ssim_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
+from report import machine, write_results  # noqa: E402
 from schedulers import uniform_grid  # noqa: E402
 
 TINY = train.PRESETS["tiny"]
@@ -308,15 +308,6 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def machine():
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
 def main(argv=None):
     command = " ".join(["python bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     cfg = parse(ReproduceConfig, argv)
@@ -348,10 +339,7 @@ def main(argv=None):
               "hr_niqe": {name: niqe(hr[None]).item() for name, hr, _ in images}, "crop_px": crop_px,
               "notes": notes, "rows": results}
     stem = os.path.join(cfg.out_dir, f"reproduce{suffix}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    write_results(stem, report, markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json, {stem}.md and crops{suffix}.png in {cfg.out_dir}")
 

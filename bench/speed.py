@@ -32,7 +32,6 @@ after one small warm-up run. Results: bench/results/speed_DEVICE.{json,md}, writ
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing.flags import flag, parse  # noqa: E402
 from data import load_image  # noqa: E402
 from flowsr import FLOWSR_PROMPT_IDS, SD2_PAD_ID, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets  # noqa: E402
+from report import machine, write_results  # noqa: E402  (bench/, the script's own folder)
 from sample import DTYPES, SampleConfig, native_bf16, super_resolve  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -380,24 +380,6 @@ def end_to_end(cfg, rounds, dtypes):
     return row
 
 
-def machine():
-    cpu = "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    flags = {name: fn() for name, fn in (("amx", torch.cpu._is_amx_tile_supported),
-                                         ("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
-                                         ("avx512", torch.cpu._is_avx512_supported),
-                                         ("avx2", torch.cpu._is_avx2_supported))}
-    info = {"cpu": cpu, "cpu_flags": [k for k, v in flags.items() if v], "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def output_difference(a_path, b_path):
     """(max |a - b|, PSNR in dB) between two outputs in [0, 1]."""
     a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
@@ -493,10 +475,7 @@ def main(argv=None):
             report["rows"] = json.load(f)["rows"]
 
     def save():  # after every row, so an interrupted run keeps what it measured
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(report))
+        write_results(stem, report, markdown(report))
     for case, dtypes in plan:
         runs = {"2048": 1, "tiled": cfg.runs_tiled or cfg.runs}.get(case, cfg.runs)
         report["rows"][row_key(case, dtypes)] = measure(cfg, case, runs, dtypes)

@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
 import unet  # noqa: E402
 from plumbing.flags import flag, parse  # noqa: E402
-from speed import machine, prepare  # noqa: E402
+from report import machine, write_results  # noqa: E402
+from speed import prepare  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -266,10 +267,7 @@ def main(argv=None):
                                for stage in (1, 2)}
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.join(cfg.out_dir, f"train_memory_{cfg.device}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    write_results(stem, report, markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -1,0 +1,32 @@
+"""What every benchmark writes beside its numbers: the machine it ran on, and the JSON + markdown result pair."""
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+CPU_FLAGS = (("amx", torch.cpu._is_amx_tile_supported), ("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
+             ("avx512", torch.cpu._is_avx512_supported), ("avx2", torch.cpu._is_avx2_supported))
+
+
+def machine():
+    """CPU model and the flags that decide bf16 speed, cores, torch threads and version, GPU, date."""
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cpu_flags": [name for name, supported in CPU_FLAGS if supported()],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_results(stem, report, markdown):
+    """STEM.json (the report) and STEM.md (its markdown text)."""
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
