@@ -162,16 +162,20 @@ def run_batch(model, batch, cfg, errors):
         generator = torch.Generator().manual_seed(cfg.seed)
         srs = super_resolve(model, torch.stack([item.lr for item in batch]), cfg, generator, cfg.verbose).cpu()
     except torch.OutOfMemoryError:
-        message = "out of memory (try a smaller --batch-size / --tile-size / --vae-tile-size)"
-        return report_failure(batch, errors, lambda item: f"{item.path}: {message}")
+        for item in batch:
+            report_error(errors, item.path, f"{item.path}: out of memory (try a smaller --batch-size / --tile-size "
+                                            "/ --vae-tile-size)")
+        return 0
     except (ValueError, RuntimeError) as e:
-        return report_failure(batch, errors, lambda item: one_line(e, item.path))
+        for item in batch:
+            report_error(errors, item.path, one_line(e, item.path))
+        return 0
     written = 0
     for item, sr in zip(batch, srs):  # sr: (3, 4h, 4w)
         try:
             save_outputs(item, sr, cfg)
         except (ValueError, OSError) as e:
-            report_failure([item], errors, lambda item: one_line(e, item.path))
+            report_error(errors, item.path, one_line(e, item.path))
         else:
             written += 1
             if not cfg.quiet:
@@ -179,11 +183,10 @@ def run_batch(model, batch, cfg, errors):
     return written
 
 
-def report_failure(items, errors, message):
-    for item in items:
-        errors.append(item.path)
-        tqdm.write(f"error: {message(item)}", file=sys.stderr)
-    return 0
+def report_error(errors, path, message):
+    """One error line; `path` counts as failed."""
+    errors.append(path)
+    tqdm.write(f"error: {message}", file=sys.stderr)
 
 
 def save_outputs(item, sr, cfg):
@@ -313,8 +316,7 @@ def main(argv=None):
         try:
             item = load_input(path, out, cfg)
         except (ValueError, OSError) as e:  # ImageError is a ValueError
-            errors.append(path)
-            tqdm.write(f"error: {one_line(e, path)}", file=sys.stderr)
+            report_error(errors, path, one_line(e, path))
             continue
         if batch and (len(batch) == cfg.batch_size or item.lr.shape != batch[0].lr.shape):
             written += run_batch(model, batch, cfg, errors)
