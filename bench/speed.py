@@ -387,6 +387,11 @@ def output_difference(a_path, b_path):
     return (a - b).abs().max().item(), (10 * torch.log10(torch.tensor(1 / mse)).item() if mse else float("inf"))
 
 
+def same_dtype(case, dtype):
+    """{pipeline: dtype} for every pipeline of `case`."""
+    return {pipeline: dtype for pipeline in CASES[case][3]}
+
+
 def row_key(case, dtypes):
     return f"{case}/" + "/".join(dtypes[p] for p in ("ours", "reference") if p in dtypes)
 
@@ -423,18 +428,18 @@ def markdown(report):
         diff, psnr = report["bf16_vs_fp32"]
         lines += ["", f"Ours in bf16 against ours in fp32, 128->512 one step (random SD 2.1-size weights): max abs "
                       f"difference {diff:.1e}, PSNR {psnr:.1f} dB."]
-    for key in (k for k in rows if k.startswith("1step/") and "reference" in rows[k]):
-        if key == next(k for k in rows if k.startswith("1step/")):
-            lines += ["", "Share of time, 128->512, one step (median run):", "",
-                      "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
+    one_step = [k for k in rows if k.startswith("1step/")]
+    if one_step:
+        lines += ["", "Share of time, 128->512, one step (median run):", "",
+                  "| pipeline | VAE encode | UNet | VAE decode | rest |", "|---|---|---|---|---|"]
+    for key in one_step:
         for pipeline in ("ours", "reference"):
             share = stage_shares(rows[key][pipeline])
             lines.append(f"| {pipeline} {rows[key]['dtypes'][pipeline]} | " + " | ".join(
                 f"{100 * share[k]:.0f}%" for k in ("vae_encode", "unet", "vae_decode", "rest")) + " |")
     for dtype in ("fp32", "bf16"):
-        sizes = [(CASES[c][1] * 4, rows[k]["ours"]) for c in ("256", "1step", "tiled", "2048")
-                 for k in [row_key(c, {"ours": dtype, "reference": dtype} if "reference" in CASES[c][3]
-                                   else {"ours": dtype})] if k in rows]
+        keys = {case: row_key(case, same_dtype(case, dtype)) for case in ("256", "1step", "tiled", "2048")}
+        sizes = [(CASES[case][1] * 4, rows[key]["ours"]) for case, key in keys.items() if key in rows]
         if sizes:
             lines += ["", f"Ours, one step, {dtype}, by output size:", "", "| output | seconds | runs | s per megapixel "
                       "| peak memory (MiB) |", "|---|---|---|---|---|"]
@@ -462,7 +467,7 @@ def main(argv=None):
         sys.exit(f"error: unknown case(s) or dtype(s) {', '.join(unknown)}; cases: {', '.join(CASES)}; "
                  f"dtypes: fp32, bf16")
     default_dtype = "bf16" if native_bf16(torch.device(cfg.device))[0] else "fp32"
-    plan = [(case, {p: dtype for p in CASES[case][3]}) for dtype in cfg.dtypes for case in CASES if case in cfg.cases]
+    plan = [(case, same_dtype(case, dtype)) for dtype in cfg.dtypes for case in CASES if case in cfg.cases]
     if cfg.default_row and default_dtype != "fp32" and "1step" in cfg.cases:
         plan.append(("1step", {"ours": default_dtype, "reference": "fp32"}))
     prepare(cfg.work_dir)
