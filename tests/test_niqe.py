@@ -162,3 +162,22 @@ def test_niqe_column_with_ground_truth(tmp_path):
     result = evaluate_folders(sr, gt)
     assert result["images"][0]["niqe"] == pytest.approx(niqe(as_batch(sr_image)).item(), rel=1e-12)
     assert result["errors"] == [] and result["notes"] == []
+
+
+def test_niqe_probe_adds_what_its_rows_say():
+    """bench/niqe_probe.py: a share of 1 of the missing detail is the HR photo itself, the grain is grey (equal in
+    R, G and B) with the std asked for, and unsharp masking leaves a flat image flat."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from niqe_probe import NIQEProbeConfig, variants
+
+    cfg = NIQEProbeConfig(detail=["1"], noise=["3"], unsharp=["1"])
+    hr = torch.rand(1, 3, 64, 64)
+    bicubic = torch.rand(1, 3, 64, 64)
+    rows = dict(variants(cfg, bicubic, hr, torch.Generator().manual_seed(0)))
+    assert torch.equal(rows["bicubic"], bicubic) and torch.equal(rows["HR photo"], hr)
+    assert torch.allclose(rows["+ 1 of the missing detail"], hr, atol=1e-6)
+    grain = rows["+ grey noise, std 3 levels"] - bicubic  # (1, 3, H, W)
+    assert torch.allclose(grain[:, 0], grain[:, 1], atol=1e-6) and torch.allclose(grain[:, 0], grain[:, 2], atol=1e-6)
+    assert abs(grain.std().item() * 255 - 3) < 0.2
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    assert torch.allclose(dict(variants(cfg, flat, hr, torch.Generator()))["unsharp masking, amount 1"], flat)
