@@ -2,24 +2,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import consistency
 import flow
 import schedulers
+from conftest import TinyVelocityNet
 from vae import PixelAutoencoder
-
-
-class TinyVelocityNet(nn.Module):
-    def __init__(self, channels=48, hidden=16):
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels + 1, hidden, 3, padding=1)
-        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, z, timesteps, context):
-        t_map = (timesteps / 1000).view(-1, 1, 1, 1).expand(-1, 1, *z.shape[2:])
-        return self.conv_out(F.silu(self.conv_in(torch.cat([z, t_map], 1))))
 
 
 def dyadic_batch(batch=4, size=16):
@@ -161,7 +150,7 @@ def test_hr_regularization_terms_and_weights():
 
 def test_gradients_reach_the_student_only():
     ae, x_hr, z_H, z_L = dyadic_batch()
-    student, teacher = TinyVelocityNet(), TinyVelocityNet()
+    student, teacher = TinyVelocityNet(hidden=16), TinyVelocityNet(hidden=16)
     target = copy.deepcopy(student)
     t_n, t_prev, _ = schedulers.sample_adjacent_pairs(4)
     objective = consistency.ConsistencyFlowDistillation(ae, perturb_std=0.01)

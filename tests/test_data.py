@@ -8,18 +8,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from conftest import PHOTOS
 from data import HRFolderDataset, ImageError, from_model, load_image, save_image, to_model
 
-TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "photos", "train")
+TRAIN = os.path.join(PHOTOS, "train")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small images: one thread avoids OpenMP hand-off costs on the shared CPUs (as in DataLoader workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png_bytes(width, height, bit_depth, color_type, rows):

@@ -10,20 +10,13 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 import degradations
+from conftest import PHOTOS
 from degradations import (add_gaussian_noise, add_poisson_noise, degrade_bicubic, degrade_realesrgan, filter2d,
                           gaussian_kernel, generalized_gaussian_kernel, jpeg, plateau_kernel, random_blur_kernel,
                           sinc_kernel)
 
-TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "photos", "train")
+TRAIN = os.path.join(PHOTOS, "train")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small images: one thread avoids OpenMP hand-off costs on the shared CPUs (as in DataLoader workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def photo_crop(name="astronaut.png", box=(160, 160, 224, 224)):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import flow
 import schedulers
+from conftest import TinyVelocityNet
 from vae import PixelAutoencoder
 
 
@@ -18,17 +18,6 @@ def dyadic_batch(batch=3, size=16):
 
 def oracle(z_H, z_L):
     return lambda z, timesteps, context: z_L - z_H
-
-
-class TinyVelocityNet(nn.Module):
-    def __init__(self, channels=48, hidden=32):
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels + 1, hidden, 3, padding=1)
-        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, z, timesteps, context):
-        t_map = (timesteps / 1000).view(-1, 1, 1, 1).expand(-1, 1, *z.shape[2:])
-        return self.conv_out(F.silu(self.conv_in(torch.cat([z, t_map], 1))))
 
 
 def test_interpolate_and_endpoint():

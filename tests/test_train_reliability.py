@@ -19,42 +19,22 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train
 from plumbing import weights
 from consistency import ConsistencyFlowDistillation
 from flow import RectifiedSRFlow
+from test_train import photos, run  # noqa: F401 (photos: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4  # per stage; checkpoints every 2 steps
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Three shipped photos, shrunk to 64 x 64 so that loading them costs nothing."""
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut.png", "brick.png", "camera.png"):
-        Image.open(os.path.join(ROOT, "photos", "train", name)).convert("RGB").resize((64, 64)).save(folder / name)
-    return folder
 
 
 def args(photos, out, *extra):
     return ["--data", str(photos), "--val-data", str(photos), "--out-dir", str(out), "--crop-size", "32",
             "--batch-size", "2", "--max-steps", str(STEPS), "--num-workers", "0", "--log-every", "1",
             "--val-every", "3", "--ckpt-every", "2", *extra]
-
-
-def run(argv):
-    """train.main in this process, quietly; returns (model or SystemExit, stdout)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            result = train.main(argv)
-        except SystemExit as e:
-            result = e
-    return result, out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,6 @@ SD21_BASE = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, 
                  down_block_types=(CA_DOWN, CA_DOWN, CA_DOWN, DOWN), up_block_types=(UP, CA_UP, CA_UP, CA_UP))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread beats two, which spin-wait for each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def reference(config):
     """A diffusers UNet with random weights; the biases too, so that no path hides behind a zero."""
