@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from data import list_images, load_image  # noqa: E402
-from degradations import degrade_bicubic, degrade_realesrgan, jpeg  # noqa: E402
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from evaluate import niqe, psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
+from reproduce import heldout_set  # noqa: E402
 
 
 @dataclass
@@ -30,20 +29,7 @@ class DtypeQualityConfig:
     base: str = flag("", "SD 2.1-base for a LoRA checkpoint")
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR photos")
     crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
-
-
-def inputs(cfg):
-    for i, path in enumerate(list_images(cfg.heldout)):
-        hr = load_image(path)[0]
-        h, w = hr.shape[1:]
-        size_h, size_w = (min(cfg.crop, h), min(cfg.crop, w)) if cfg.crop else (h, w)
-        size_h, size_w = size_h // 16 * 16, size_w // 16 * 16
-        top, left = (h - size_h) // 2, (w - size_w) // 2
-        hr = hr[:, top:top + size_h, left:left + size_w]
-        lr = degrade_bicubic(hr, 4)
-        kinds = {"bicubic": lr, "jpeg75": jpeg(lr, 75),
-                 "realesrgan": degrade_realesrgan(hr, 4, torch.Generator().manual_seed(i))}
-        yield os.path.basename(path), hr, kinds
+    eval_seed: int = flag(0, "seed of the Real-ESRGAN degradation (as reproduce.py's)")
 
 
 def main(argv=None):
@@ -54,7 +40,7 @@ def main(argv=None):
     print("| photo | input | PSNR bf16 vs fp32 | PSNR-Y fp32 / bf16 | NIQE fp32 / bf16 | s fp32 / bf16 |")
     print("|---|---|---|---|---|---|")
     between = []
-    for name, hr, kinds in inputs(cfg):
+    for name, hr, kinds in heldout_set(cfg):
         for kind, lr in kinds.items():
             out, seconds = {}, {}
             for dtype, model in models.items():
