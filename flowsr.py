@@ -44,6 +44,7 @@ FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
 TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
+TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead
 FLAT_CONTRAST = 3 * 2 / 255  # FlowSR.detail_gate: local contrast under three 8-bit grey levels is not detail
 
 # LoRA targets of the sd21 preset: every conv / attention / feed-forward layer of the UNet (the choice of
@@ -60,18 +61,45 @@ def tiny_unet_config(latent_channels=48, context_dim=32):
                       attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
 
 
-class FlowSR(nn.Module):
-    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0):
+class PixelHead(nn.Module):
+    """Three 3x3 convolutions at full resolution after the UNet (tiny preset): v <- v + E(h(D(v), D(z))).
+
+    The pixel autoencoder's latent is the image cut into 4x4 blocks, so a UNet on it writes each block's 16
+    pixels through separate output channels: detail it adds tends to repeat with the blocks, a 4-px grid.
+    Convolutions on the pixels themselves can blend across block borders. The last one starts at zero, so a
+    fresh head leaves the velocity unchanged.
+    """
+
+    def __init__(self, ae, hidden=32):
         super().__init__()
-        if flat_gate and not isinstance(ae, PixelAutoencoder):
-            raise ValueError("FlowSR: the flat gate needs the pixel autoencoder (its latent is the image)")
+        self.ae, c = ae, ae.channels
+        self.conv_in = nn.Conv2d(2 * c, hidden, 3, padding=1)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, v, z):
+        h = torch.cat([self.ae.decode(v), self.ae.decode(z)], 1)  # (B, 6, H, W)
+        h = self.conv_out(F.silu(self.conv_mid(F.silu(self.conv_in(h)))))  # (B, 3, H, W)
+        return v + self.ae.encode(h)  # (B, C, h, w)
+
+
+class FlowSR(nn.Module):
+    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, pixel_head=0):
+        super().__init__()
+        if (flat_gate or pixel_head) and not isinstance(ae, PixelAutoencoder):
+            raise ValueError("FlowSR: the flat gate and the pixel head need the pixel autoencoder")
         self.unet, self.ae, self.upsample, self.flat_gate = unet, ae, upsample, flat_gate
+        self.head = PixelHead(ae, pixel_head) if pixel_head else None
         self.register_buffer("context", context, persistent=False)  # (1, L, D)
 
     def forward(self, z, timesteps, context=None):
         """The velocity v(z, t, c): the `net` that flow.py and consistency.py call."""
         context = self.context if context is None else context
         v = self.unet(z, timesteps, context.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, C, h, w)
+        if self.head is not None:
+            v = self.head(v, z)
         return v * self.detail_gate(z) if self.flat_gate else v
 
     def detail_gate(self, z):
@@ -124,15 +152,15 @@ class FlowSR(nn.Module):
 
     def config_dict(self):
         return {"unet": self.unet.config.to_dict(), "autoencoder": self.ae.to_dict(), "upsample": self.upsample,
-                "flat_gate": self.flat_gate}
+                "flat_gate": self.flat_gate, "pixel_head": self.head.conv_in.out_channels if self.head else 0}
 
     # ---- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE):
+    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, pixel_head=TINY_PIXEL_HEAD):
         ae = PixelAutoencoder()
         config = tiny_unet_config(ae.latent_channels)
-        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate)
+        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, pixel_head)
 
     @classmethod
     def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None,

@@ -30,7 +30,7 @@ import losses
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import DEGRADATIONS, HRFolderDataset
 from flow import RectifiedSRFlow
-from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
+from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
                                 synced_step, warnings_to)
@@ -73,6 +73,7 @@ class TrainConfig:
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
     flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
+    pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head after the UNet (0: none)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
     latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss")
@@ -149,7 +150,7 @@ def build_model(cfg, device, init=None):
     """The preset's model (LoRA-injected for sd21): fresh, or the stage-1 model of the checkpoint `init`."""
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate)
+        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
         model.upsample = cfg.upsample
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)

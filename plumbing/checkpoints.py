@@ -24,6 +24,8 @@ METADATA_KEY = "flowsr_model"
 def save_full(model, path, extra=None):
     """Every UNet weight, the context, and the model's configs as metadata."""
     tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    if model.head is not None:
+        tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     tensors["context"] = model.context
     save_atomic(tensors, path, {METADATA_KEY: json.dumps({**model.config_dict(), **(extra or {})})})
 
@@ -80,6 +82,9 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
+    pixel_head = own.get("pixel_head", 0)
+    if isinstance(pixel_head, bool) or not isinstance(pixel_head, int) or pixel_head < 0:
+        raise WeightsError(f"{path}: pixel_head in metadata must be an integer >= 0, got {pixel_head!r}")
     state = read_state_dict(path, dtype=dtype, channels_last=channels_last)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
@@ -88,8 +93,14 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     if context is None or context.dim() != 3 or context.shape[0] != 1 or \
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
+    head_state = {k.removeprefix("head."): state.pop(k) for k in [k for k in state if k.startswith("head.")]}
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
-    return cls(unet, ae, context, upsample, float(flat_gate))
+    model = cls(unet, ae, context, upsample, float(flat_gate), pixel_head)
+    if model.head is not None or head_state:
+        if model.head is None:
+            raise WeightsError(f"{path}: head.* tensors but no pixel_head in the metadata")
+        load_strict(model.head.to(context.dtype), head_state, path)
+    return model
 
 
 def check_text_width(path, unet, base):

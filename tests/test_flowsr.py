@@ -264,6 +264,7 @@ def test_full_checkpoint_round_trip_and_dtype(tmp_path):
     z = torch.randn(1, 48, 8, 8)
     assert loaded.upsample == "bilinear" and torch.equal(loaded.context, model.context)
     assert loaded.flat_gate == model.flat_gate > 0
+    assert torch.equal(loaded.head.conv_out.weight, model.head.conv_out.weight)  # noisy_ moved it off zero
     assert torch.equal(loaded.state_dict()["unet.conv_in.weight"], model.state_dict()["unet.conv_in.weight"])
     # the same weights in other memory can take other kernel paths: equal up to float rounding
     assert (velocity(loaded, z) - velocity(model, z)).abs().max() < 1e-5 * velocity(model, z).abs().max()
@@ -283,7 +284,7 @@ def rewrite(path, out, edit_tensors=None, edit_config=None):
 
 
 @pytest.mark.parametrize("edit_tensors, edit_config, message", [
-    (lambda t: {k: v.long() if k.endswith("conv_in.weight") else v for k, v in t.items()}, None,
+    (lambda t: {k: v.long() if k == "unet.conv_in.weight" else v for k, v in t.items()}, None,
      r"not floating point: unet\.conv_in\.weight"),
     (lambda t: {k: v for k, v in t.items() if k != "context"}, None, r"no 'context' tensor of shape \(1, L, 32\)"),
     (lambda t: {**t, "context": torch.zeros(1, 77, 16)}, None, r"no 'context' tensor"),
@@ -294,6 +295,10 @@ def rewrite(path, out, edit_tensors=None, edit_config=None):
     (None, lambda c: {**c, "autoencoder": {"kind": "pixel", "factor": -4, "channels": 3}}, r"pixel autoencoder"),
     (None, lambda c: {**c, "autoencoder": "pixel"}, r"bad model config"),
     (None, lambda c: {**c, "upsample": "nearest"}, r"unknown upsample mode 'nearest'"),
+    (lambda t: {k: v for k, v in t.items() if k != "head.conv_mid.bias"}, None, r"1 missing: conv_mid\.bias"),
+    (None, lambda c: {**c, "pixel_head": 0}, r"head\.\* tensors but no pixel_head"),
+    (None, lambda c: {**c, "pixel_head": 16}, r"shape mismatch"),
+    (None, lambda c: {**c, "pixel_head": 2.5}, r"pixel_head in metadata must be an integer >= 0"),
     (None, lambda c: "[1, 2]", r"metadata is not a JSON object"),
     (None, lambda c: "{", r"metadata is not valid JSON"),
 ])
@@ -322,6 +327,7 @@ def test_detail_gate_keeps_flat_content_exactly_and_opens_on_detail():
         gate = model.detail_gate(detail)
         assert gate.shape == (1, 1, 16, 16) and gate.min() > 0.9
         ungated = FlowSR(model.unet, model.ae, model.context, flat_gate=0.0)
+        ungated.head = model.head
         assert torch.equal(model(detail, t), ungated(detail, t) * gate)
         assert ungated(flat, t).abs().max() > 1e-3  # without the gate the network does paint the flat image
 
@@ -330,5 +336,45 @@ def test_detail_gate_needs_the_pixel_autoencoder():
     from vae import AutoencoderKL, AutoencoderKLConfig
     model = FlowSR.tiny()
     ae = AutoencoderKL(AutoencoderKLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8))
-    with pytest.raises(ValueError, match="flat gate needs the pixel autoencoder"):
+    with pytest.raises(ValueError, match="the flat gate and the pixel head need the pixel autoencoder"):
         FlowSR(model.unet, ae, model.context, flat_gate=0.01)
+    with pytest.raises(ValueError, match="the flat gate and the pixel head need the pixel autoencoder"):
+        FlowSR(model.unet, ae, model.context, pixel_head=8)
+
+
+# ---- the pixel head of the tiny preset --------------------------------------------------------------------
+
+def test_pixel_head_starts_as_the_identity_and_works_on_pixels():
+    import torch.nn.functional as F
+    model = noisy_(FlowSR.tiny(flat_gate=0.0))
+    bare = FlowSR(model.unet, model.ae, model.context)  # no head
+    z, t = torch.randn(2, 48, 8, 8), torch.tensor([1000.0, 500.0])
+    with torch.no_grad():
+        fresh = FlowSR(model.unet, model.ae, model.context, pixel_head=8)
+        assert torch.equal(fresh(z, t), bare(z, t))  # the last convolution starts at zero
+        v = bare(z, t)  # (2, 48, 8, 8)
+        head = model.head
+        pixels = torch.cat([F.pixel_shuffle(v, 4), F.pixel_shuffle(z, 4)], 1)  # (2, 6, 32, 32)
+        by_hand = head.conv_out(F.silu(head.conv_mid(F.silu(head.conv_in(pixels)))))  # (2, 3, 32, 32)
+        assert torch.allclose(model(z, t), v + F.pixel_unshuffle(by_hand, 4), atol=1e-6)
+        # one latent pixel's velocity reaches the pixels of the neighbouring 4x4 blocks: no block-locked output
+        poke = torch.zeros(1, 3, 32, 32)
+        poke[..., 15, 15] = 1.0  # the bottom-right pixel of the block at latent (3, 3)
+        def added(v):  # what the head adds to v, less what it adds to no velocity (its biases): (1, 3, 32, 32)
+            still = torch.zeros(1, 48, 8, 8)
+            return F.pixel_shuffle(head(v, still) - v - head(torch.zeros_like(v), still), 4)
+        out = added(F.pixel_unshuffle(poke, 4))
+        assert out[..., 16, 16].abs().max() > 0 and out[..., 20:, :].abs().max() == 0
+
+
+def test_full_checkpoint_without_head_loads_as_before(tmp_path):
+    """Checkpoints written before the head existed (no pixel_head, no head.* tensors) load without one."""
+    model = noisy_(FlowSR.tiny(pixel_head=0))
+    path = str(tmp_path / "old.safetensors")
+    model.save(path)
+    old = rewrite(path, str(tmp_path / "old2.safetensors"),
+                  edit_config=lambda c: {k: v for k, v in c.items() if k != "pixel_head"})
+    loaded = FlowSR.load(old)
+    z = torch.randn(1, 48, 8, 8)
+    assert loaded.head is None
+    assert (velocity(loaded, z) - velocity(model, z)).abs().max() < 1e-5 * velocity(model, z).abs().max()
