@@ -94,11 +94,11 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
     head_state = {k.removeprefix("head."): state.pop(k) for k in [k for k in state if k.startswith("head.")]}
+    if head_state and not pixel_head:
+        raise WeightsError(f"{path}: head.* tensors but no pixel_head in the metadata")
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
     model = cls(unet, ae, context, upsample, float(flat_gate), pixel_head)
-    if model.head is not None or head_state:
-        if model.head is None:
-            raise WeightsError(f"{path}: head.* tensors but no pixel_head in the metadata")
+    if model.head is not None:
         load_strict(model.head.to(context.dtype), head_state, path)
     return model
 
