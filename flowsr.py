@@ -62,27 +62,27 @@ def tiny_unet_config(latent_channels=48, context_dim=32):
 
 
 class PixelHead(nn.Module):
-    """Three 3x3 convolutions at full resolution after the UNet (tiny preset): v <- v + E(h(D(v), D(z))).
+    """The tiny preset's velocity in pixels: the UNet's output, up-sampled bilinearly, and D(z) through three
+    3x3 convolutions at full resolution, v = E(h(up(u), D(z))).
 
-    The pixel autoencoder's latent is the image cut into 4x4 blocks, so a UNet on it writes each block's 16
-    pixels through separate output channels: detail it adds tends to repeat with the blocks, a 4-px grid.
-    Convolutions on the pixels themselves can blend across block borders. The last one starts at zero, so a
-    fresh head leaves the velocity unchanged.
+    The pixel autoencoder's latent is the image cut into 4x4 blocks; read as a velocity, the UNet's output u
+    would write each block's 16 pixels through separate channels, and whatever those channels learn unevenly
+    repeats with the blocks as a 4-px grid. Here u is a feature map instead: bilinear up-sampling spreads it
+    smoothly over the pixels, and the same convolutions make every pixel, whatever its place in its block.
     """
 
-    def __init__(self, ae, hidden=32):
+    def __init__(self, ae, features, hidden=32):
         super().__init__()
         self.ae, c = ae, ae.channels
-        self.conv_in = nn.Conv2d(2 * c, hidden, 3, padding=1)
+        self.conv_in = nn.Conv2d(features + c, hidden, 3, padding=1)
         self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.conv_out = nn.Conv2d(hidden, c, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, v, z):
-        h = torch.cat([self.ae.decode(v), self.ae.decode(z)], 1)  # (B, 6, H, W)
+    def forward(self, u, z):
+        u = F.interpolate(u, scale_factor=self.ae.downscale, mode="bilinear", align_corners=False)  # (B, F, H, W)
+        h = torch.cat([u, self.ae.decode(z)], 1)  # (B, F + 3, H, W)
         h = self.conv_out(F.silu(self.conv_mid(F.silu(self.conv_in(h)))))  # (B, 3, H, W)
-        return v + self.ae.encode(h)  # (B, C, h, w)
+        return self.ae.encode(h)  # (B, C, h, w)
 
 
 class FlowSR(nn.Module):
@@ -91,7 +91,7 @@ class FlowSR(nn.Module):
         if (flat_gate or pixel_head) and not isinstance(ae, PixelAutoencoder):
             raise ValueError("FlowSR: the flat gate and the pixel head need the pixel autoencoder")
         self.unet, self.ae, self.upsample, self.flat_gate = unet, ae, upsample, flat_gate
-        self.head = PixelHead(ae, pixel_head) if pixel_head else None
+        self.head = PixelHead(ae, unet.config.out_channels, pixel_head) if pixel_head else None
         self.register_buffer("context", context, persistent=False)  # (1, L, D)
 
     def forward(self, z, timesteps, context=None):

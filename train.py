@@ -73,7 +73,8 @@ class TrainConfig:
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
     flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
-    pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head after the UNet (0: none)")
+    pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head that makes the velocity "
+                           "from the UNet's features (0: none, the UNet's output is the velocity)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
     latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss")

@@ -39,8 +39,8 @@ def models(tmp_path_factory):
     """Tiny full checkpoints: `identity` (v = 0: the output is up(x_LR)) and `random` (random weights)."""
     folder = tmp_path_factory.mktemp("models")
     identity = FlowSR.tiny()
-    nn.init.zeros_(identity.unet.conv_out.weight)
-    nn.init.zeros_(identity.unet.conv_out.bias)
+    nn.init.zeros_(identity.head.conv_out.weight)  # the head's output is the velocity
+    nn.init.zeros_(identity.head.conv_out.bias)
     identity.save(folder / "identity.safetensors")
     torch.manual_seed(0)
     noisy_(FlowSR.tiny()).save(folder / "random.safetensors")
