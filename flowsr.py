@@ -97,9 +97,8 @@ class FlowSR(nn.Module):
     def forward(self, z, timesteps, context=None):
         """The velocity v(z, t, c): the `net` that flow.py and consistency.py call."""
         context = self.context if context is None else context
-        v = self.unet(z, timesteps, context.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, C, h, w)
-        if self.head is not None:
-            v = self.head(v, z)
+        u = self.unet(z, timesteps, context.expand(z.shape[0], -1, -1).to(z.dtype))  # (B, C, h, w)
+        v = u if self.head is None else self.head(u, z)  # with a head, u holds features, not a velocity
         return v * self.detail_gate(z) if self.flat_gate else v
 
     def detail_gate(self, z):
