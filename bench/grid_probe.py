@@ -18,12 +18,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+from evaluate import rgb_to_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from reproduce import KINDS, heldout_set  # noqa: E402
-
-LUMA = (0.299, 0.587, 0.114)
-
 
 @dataclass
 class GridProbeConfig:
@@ -53,9 +51,9 @@ def block_harmonic_ratio(residual, period=4, reach=2):
     return peak / near
 
 
-def luma(x):
-    """(3, H, W) -> (H, W)."""
-    return sum(c * x[i] for i, c in enumerate(LUMA))
+def added_luma(image, bicubic):
+    """(3, H, W) each -> the luma of image - bicubic, (H, W)."""
+    return (rgb_to_y(image[None]) - rgb_to_y(bicubic[None]))[0, 0]
 
 
 def main(argv=None):
@@ -68,11 +66,11 @@ def main(argv=None):
         for kind, lr in lrs.items():
             columns.append(f"{name} {KINDS[kind]}")
             bicubic = F.interpolate(lr[None], scale_factor=4, mode="bicubic")[0]  # (3, H, W)
-            rows["HR - bicubic"].append(block_harmonic_ratio(luma(hr - bicubic), cfg.period))
+            rows["HR - bicubic"].append(block_harmonic_ratio(added_luma(hr, bicubic), cfg.period))
             for path, model in models.items():
                 with torch.no_grad():
                     sr = super_resolve(model, lr[None], 1, tile_size=0, vae_tile_size=0)[0]
-                rows[path].append(block_harmonic_ratio(luma(sr - bicubic), cfg.period))
+                rows[path].append(block_harmonic_ratio(added_luma(sr, bicubic), cfg.period))
     print("\n| added to bicubic | " + " | ".join(columns) + " | mean |\n|---|" + "---|" * (len(columns) + 1))
     for label, ratios in rows.items():
         print(f"| {label} | " + " | ".join(f"{r:.1f}" for r in ratios) + f" | {sum(ratios) / len(ratios):.1f} |")

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import clip
@@ -345,7 +346,6 @@ def test_detail_gate_needs_the_pixel_autoencoder():
 # ---- the pixel head of the tiny preset --------------------------------------------------------------------
 
 def test_pixel_head_makes_the_velocity_from_upsampled_features_and_pixels():
-    import torch.nn.functional as F
     model = noisy_(FlowSR.tiny(flat_gate=0.0))
     head = model.head
     z, t = torch.randn(2, 48, 8, 8), torch.tensor([1000.0, 500.0])
@@ -362,7 +362,6 @@ def test_pixel_head_output_does_not_repeat_with_the_4x4_blocks():
     A UNet output read as a velocity through pixel-shuffle (the pixel autoencoder's decoder) turns a feature
     map constant across the latent into a pattern that repeats every 4 pixels; the head does not.
     """
-    import torch.nn.functional as F
     head = noisy_(FlowSR.tiny()).head
     u = torch.randn(1, 48, 1, 1).expand(1, 48, 8, 8)  # the same features in every latent pixel
     z = torch.zeros(1, 48, 8, 8)  # a flat image
