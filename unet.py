@@ -21,27 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from plumbing import single_file
+from plumbing import diffusers_configs, single_file
 from plumbing.weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
-
-# diffusers config.json keys that select features SD does not use: only these values are accepted.
-_DIFFUSERS_FIXED = {
-    "center_input_sample": (False,), "mid_block_type": ("UNetMidBlock2DCrossAttn",), "downsample_padding": (1,),
-    "mid_block_scale_factor": (1,), "dropout": (0,), "act_fn": ("silu", "swish"), "num_attention_heads": (None,),
-    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "class_embed_type": (None,),
-    "addition_embed_type": (None,), "addition_time_embed_dim": (None,), "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,), "class_embeddings_concat": (False,),
-    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1,),
-    "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
-    "attention_type": ("default",), "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
-    "reverse_transformer_layers_per_block": (None,),
-}
-# Keys that only matter when one of the features above is switched on.
-_DIFFUSERS_HARMLESS = {"addition_embed_type_num_heads"}
 
 
 @dataclass
@@ -101,22 +85,7 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config):
         """From a diffusers unet/config.json dict; refuses features that would change the math."""
-        if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise ValueError(f"config describes a {config['_class_name']}, not a UNet2DConditionModel")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_") or key in _DIFFUSERS_HARMLESS:
-                continue
-            if key in _DIFFUSERS_FIXED:
-                if value not in _DIFFUSERS_FIXED[key]:
-                    raise ValueError(f"UNet config {key}={value!r} is not supported "
-                                     f"(Stable Diffusion 1.x/2.x uses {_DIFFUSERS_FIXED[key][0]!r})")
-            elif key in fields:
-                kwargs[key] = value
-            else:
-                raise ValueError(f"UNet config key {key!r} is not supported")
-        return cls(**kwargs)
+        return cls(**diffusers_configs.unet_kwargs(config, {f.name for f in dataclasses.fields(cls)}))
 
     def to_dict(self):
         return dataclasses.asdict(self)

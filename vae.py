@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing import single_file
+from plumbing import diffusers_configs, single_file
 from plumbing.weights import WeightsError, find_weights_file, load_strict, read_json, read_state_dict
 
 EPS = 1e-6  # GroupNorm epsilon of every norm in the SD VAE
@@ -42,23 +42,7 @@ class AutoencoderKLConfig:
     @classmethod
     def from_diffusers(cls, config):
         """From a diffusers vae/config.json dict (diffusers' defaults fill missing keys)."""
-        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"config is for {config['_class_name']}, not AutoencoderKL")
-        unsupported = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                       "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None,
-                       "latents_std": None}
-        for key, supported in unsupported.items():
-            if config.get(key, supported) != supported:
-                raise ValueError(f"unsupported AutoencoderKL config {key}={config[key]!r} (only {supported!r})")
-        block_out_channels = tuple(config.get("block_out_channels", (64,)))
-        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = list(config.get(key, [block] * len(block_out_channels)))
-            if types != [block] * len(block_out_channels):
-                raise ValueError(f"unsupported AutoencoderKL config {key}={types} "
-                                 f"(only {len(block_out_channels)} x {block})")
-        defaults = {"layers_per_block": 1, "norm_num_groups": 32, "in_channels": 3, "out_channels": 3,
-                    "latent_channels": 4, "scaling_factor": 0.18215}  # diffusers' own defaults
-        return cls(block_out_channels, **{k: config.get(k, v) for k, v in defaults.items()})
+        return cls(**diffusers_configs.vae_kwargs(config))
 
     def to_dict(self):
         return {"kind": "autoencoder_kl", **asdict(self), "block_out_channels": list(self.block_out_channels)}

@@ -2,6 +2,7 @@
 
     weights.py      strict reading and atomic writing of weight files (safetensors, weights-only pickles)
     single_file.py  original single-file SD checkpoints (LDM key names) -> our module names
+    diffusers_configs.py  diffusers config.json -> the UNet's and the VAE's configs, refusing what SD does not use
     checkpoints.py  FlowSR checkpoint files: the full kind (tiny preset) and the published LoRA layout
     flags.py        a dataclass config as the command line: every field a --flag, unknown flags are errors
     trainstate.py   the resumable training state train.py writes and --resume reads, and its checkpoints
