@@ -60,7 +60,6 @@ CASES = {  # key: (title, LR side, Euler steps, pipelines); latents above 96 run
     "256": ("64->256, 1 step", 64, 1, ("ours",)),  # with 1step and tiled: how ours grows with the output size
     "2048": ("512->2048, 1 step, tiled", 512, 1, ("ours",)),
 }
-DEFAULT = "default"  # the dtype name of ours at sample.py's --dtype auto
 PAPER_GPU_SECONDS = 0.14  # FlowSR paper, 128->512, one step, on its GPU
 SD21_BASE_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
                       attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=64,
