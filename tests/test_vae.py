@@ -310,6 +310,17 @@ def test_unet_and_corrupt_files_are_refused(tiny, tmp_path):
     expect_error(tmp_path / "nowhere", "no such file")
 
 
+def test_configs_of_other_autoencoders_are_refused(tiny, tmp_path):
+    """Settings that change the math (SD3 / FLUX VAEs, other activations or blocks) fail on their key."""
+    _, root = tiny
+    for name, edit, key in [("act", {"act_fn": "gelu"}, "act_fn"), ("quant", {"use_quant_conv": False}, "use_quant_conv"),
+                            ("shift", {"shift_factor": 0.0609}, "shift_factor"),
+                            ("blocks", {"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]},
+                             "down_block_types")]:
+        folder = copy_folder(root, tmp_path / name, edit_config=lambda c, edit=edit: {**c, **edit})
+        expect_error(folder, f"{folder / 'config.json'}: unsupported AutoencoderKL config {key}=")
+
+
 @pytest.mark.skipif(os.environ.get("FLOWSR_FULLSIZE") != "1", reason="set FLOWSR_FULLSIZE=1 for the full SD 2.1 VAE")
 def test_full_size_sd21_vae(tmp_path):
     reference = diffusers_vae((128, 256, 512, 512), 2, 32)
