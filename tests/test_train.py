@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -274,3 +275,31 @@ def test_sd21_preset_end_to_end(sd_base, photos, tmp_path):
     result, _ = run(args(photos, tmp_path / "tiny", "--stage", "1", "--resume", "--preset", "sd21",
                          "--base", str(sd_base)))
     one_line_error(result, "preset 'tiny' in the checkpoint, 'sd21' here")
+
+
+def test_tiny_preset_trains_with_lpips_and_clip_iqa_files(photos, tmp_path):
+    """The paper's perceptual terms (SPEC 5) on the tiny preset: with the files given, stage 1 logs LPIPS, stage 2
+    the HR LPIPS and CLIP-IQA. Random weights in the real formats: the lpips package's VGG layout with its real
+    v0.1 heads, and a tiny transformers CLIP folder."""
+    import lpips as lpips_package
+    from test_losses import save_tiny_clip_folder
+    torch.manual_seed(0)
+    trunk = {f"features.{i}.{kind}": torch.randn(shape) * 0.05 for i, kind, shape in [
+        (i, kind, (o, c, 3, 3) if kind == "weight" else (o,))
+        for i, (c, o) in zip((0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
+                             [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
+                              (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)])
+        for kind in ("weight", "bias")]}
+    torch.save(trunk, tmp_path / "vgg16-397923af.pth")
+    heads = os.path.join(os.path.dirname(lpips_package.__file__), "weights", "v0.1", "vgg.pth")
+    save_tiny_clip_folder(tmp_path / "clip")
+    out = tmp_path / "run"
+    model, stdout = run(args(photos, out, "--lpips-vgg", str(tmp_path / "vgg16-397923af.pth"), "--lpips-heads", heads,
+                             "--clip", str(tmp_path / "clip")))
+    assert isinstance(model, FlowSR), stdout
+    with open(out / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert {r["stage"] for r in records} == {1, 2}, records
+    for record in records:
+        terms = {"lpips"} if record["stage"] == 1 else {"hr_lpips", "iqa"}
+        assert terms <= set(record) and all(math.isfinite(record[term]) for term in terms), record
