@@ -1,5 +1,6 @@
-"""train.py: the command line, what checkpoints hold, the stage-1 objective, data order, bad input, the LPIPS and CLIP-IQA terms from weight files, and the
-sd21 preset end to end on a tiny Stable Diffusion folder (random weights in the real diffusers layout)."""
+"""train.py: the command line, what checkpoints hold, the stage-1 objective, data order, bad input, the LPIPS
+and CLIP-IQA terms from weight files, and the sd21 preset end to end on a tiny Stable Diffusion folder (random
+weights in the real diffusers layout)."""
 import contextlib
 import gzip
 import importlib.util
