@@ -23,6 +23,7 @@ from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from reproduce import KINDS, heldout_set  # noqa: E402
 
+
 @dataclass
 class GridProbeConfig:
     """Score the 4-px periodic part of what one-step models add to bicubic up-sampling."""

@@ -23,6 +23,7 @@ from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
 from flowsr import UNET_LORA_TARGETS, FlowSR
 from plumbing import training
+from plumbing.vgg16 import vgg16_features
 from plumbing.weights import read_metadata
 from schedulers import sample_times
 
@@ -285,12 +286,7 @@ def test_tiny_preset_trains_with_lpips_and_clip_iqa_files(photos, tmp_path):
     import lpips as lpips_package
     from test_losses import save_tiny_clip_folder
     torch.manual_seed(0)
-    trunk = {f"features.{i}.{kind}": torch.randn(shape) * 0.05 for i, kind, shape in [
-        (i, kind, (o, c, 3, 3) if kind == "weight" else (o,))
-        for i, (c, o) in zip((0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28),
-                             [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256),
-                              (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)])
-        for kind in ("weight", "bias")]}
+    trunk = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}  # torchvision's layout
     torch.save(trunk, tmp_path / "vgg16-397923af.pth")
     heads = os.path.join(os.path.dirname(lpips_package.__file__), "weights", "v0.1", "vgg.pth")
     save_tiny_clip_folder(tmp_path / "clip")
