@@ -313,7 +313,8 @@ def test_unet_and_corrupt_files_are_refused(tiny, tmp_path):
 def test_configs_of_other_autoencoders_are_refused(tiny, tmp_path):
     """Settings that change the math (SD3 / FLUX VAEs, other activations or blocks) fail on their key."""
     _, root = tiny
-    for name, edit, key in [("act", {"act_fn": "gelu"}, "act_fn"), ("quant", {"use_quant_conv": False}, "use_quant_conv"),
+    for name, edit, key in [("act", {"act_fn": "gelu"}, "act_fn"),
+                            ("quant", {"use_quant_conv": False}, "use_quant_conv"),
                             ("shift", {"shift_factor": 0.0609}, "shift_factor"),
                             ("blocks", {"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]},
                              "down_block_types")]:
