@@ -18,12 +18,11 @@ def flag(default, help, choices=None, positional=False, short=None):
 
 
 def build_parser(config_cls, description=None):
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__, allow_abbrev=False)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = {"help": meta.get("help", ""), "default": default}
+        kwargs = {"help": with_default(meta.get("help", ""), default), "default": default}
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="*", **kwargs)
             continue
@@ -36,6 +35,14 @@ def build_parser(config_cls, description=None):
             arg_type = type(default) if default is not None else str
             parser.add_argument(*names, type=arg_type, choices=meta.get("choices"), **kwargs)
     return parser
+
+
+def with_default(help, default):
+    """The help text with the default appended, unless the text already explains it or there is none."""
+    if "default" in help or default in ("", None, []):
+        return help
+    shown = " ".join(default) if isinstance(default, list) else default
+    return f"{help} (default: {shown})".replace("%", "%%")
 
 
 def parse(config_cls, argv=None, description=None):

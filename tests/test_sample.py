@@ -293,6 +293,14 @@ def test_bad_flags(models, tmp_path, capsys, argv, message):
     assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
 
 
+def test_help_gives_each_default_once():
+    from plumbing.flags import build_parser
+    text = " ".join(build_parser(sample.SampleConfig).format_help().split())  # argparse wraps lines
+    assert "--steps STEPS Euler steps" in text and "(default: 3.0)" in text  # --shift's value, appended
+    assert "(default: NAME_x4.png beside each input)" in text  # --output explains its own default
+    assert "(default: )" not in text and text.count("(default:") == text.count("default")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_device(models, tmp_path, capsys):
     code, _, err = run(capsys, write(tmp_path / "a.png", photo(12, 12)), "--device", "cuda", "--checkpoint",
