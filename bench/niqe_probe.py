@@ -5,7 +5,9 @@
 Each held-out photo is degraded by bicubic x4 (as in reproduce.py) and up-sampled again by bicubic; to that
 result is added (a) a share of the detail it lacks, HR - bicubic (real detail, as a perfect model would add it),
 (b) grey Gaussian noise of a few 8-bit levels, identical in R, G and B (grain that carries no information), or
-(c) unsharp masking (sharper edges, no new texture). Every image is rounded to 8 bit, then scored by PSNR-Y
+(c) unsharp masking (sharper edges, no new texture), or (d) a share of HR - bicubic shifted by a few pixels
+(texture of the right amount and kind in the wrong place: what a model that synthesises texture gives at best,
+and what a model that must be right pixel by pixel cannot give). Every image is rounded to 8 bit, then scored by PSNR-Y
 against the HR photo and by NIQE (evaluate.niqe). It shows how far NIQE can be moved without restoring
 anything, which is why the reproduction's picture matters as much as its NIQE column.
 """
@@ -26,13 +28,14 @@ from reproduce import heldout_set, to_8bit  # noqa: E402
 
 @dataclass
 class NIQEProbeConfig:
-    """Score bicubic up-sampling plus real detail, grain or sharpening by PSNR-Y and NIQE."""
+    """Score bicubic up-sampling plus real detail, grain, sharpening or misplaced detail by PSNR-Y and NIQE."""
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR test photos")
     crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
     eval_seed: int = flag(0, "seed of the noise (and of reproduce.py's Real-ESRGAN inputs, unused here)")
     detail: list = flag(["0.25", "0.5"], "shares of HR - bicubic to add back")
     noise: list = flag(["1", "2", "4"], "std of the grey noise, in 8-bit levels")
     unsharp: list = flag(["0.5", "1"], "amounts of unsharp masking (Gaussian sigma 1)")
+    shifted: list = flag(["0.25", "0.5"], "shares of HR - bicubic to add back shifted by (7, 11) px")
 
 
 def variants(cfg, bicubic, hr, generator):
@@ -44,6 +47,9 @@ def variants(cfg, bicubic, hr, generator):
     blurred = gaussian_blur(bicubic[0], 1.0)[None]
     rows += [(f"unsharp masking, amount {amount}", bicubic + float(amount) * (bicubic - blurred))
              for amount in cfg.unsharp]
+    misplaced = (hr - bicubic).roll((7, 11), dims=(2, 3))  # uncorrelated with the photo's own detail
+    rows += [(f"+ {share} of the missing detail, shifted by (7, 11) px", bicubic + float(share) * misplaced)
+             for share in cfg.shifted]
     return rows + [("HR photo", hr)]
 
 
