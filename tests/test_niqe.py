@@ -166,11 +166,12 @@ def test_niqe_column_with_ground_truth(tmp_path):
 
 def test_niqe_probe_adds_what_its_rows_say():
     """bench/niqe_probe.py: a share of 1 of the missing detail is the HR photo itself, the grain is grey (equal in
-    R, G and B) with the std asked for, and unsharp masking leaves a flat image flat."""
+    R, G and B) with the std asked for, unsharp masking leaves a flat image flat, and the misplaced detail is the
+    missing detail moved by (7, 11) px."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     from niqe_probe import NIQEProbeConfig, variants
 
-    cfg = NIQEProbeConfig(detail=["1"], noise=["3"], unsharp=["1"])
+    cfg = NIQEProbeConfig(detail=["1"], noise=["3"], unsharp=["1"], shifted=["1"])
     hr = torch.rand(1, 3, 64, 64)
     bicubic = torch.rand(1, 3, 64, 64)
     rows = dict(variants(cfg, bicubic, hr, torch.Generator().manual_seed(0)))
@@ -181,3 +182,5 @@ def test_niqe_probe_adds_what_its_rows_say():
     assert abs(grain.std().item() * 255 - 3) < 0.2
     flat = torch.full((1, 3, 64, 64), 0.5)
     assert torch.allclose(dict(variants(cfg, flat, hr, torch.Generator()))["unsharp masking, amount 1"], flat)
+    moved = rows["+ 1 of the missing detail, shifted by (7, 11) px"] - bicubic
+    assert torch.allclose(moved[..., 7:, 11:], (hr - bicubic)[..., :-7, :-11], atol=1e-6)
