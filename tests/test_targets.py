@@ -1,0 +1,48 @@
+"""bench/targets.py: the three targets of the bundled model, checked on a folder of photos."""
+import json
+import os
+import sys
+
+from PIL import Image
+
+from conftest import PHOTOS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import targets  # noqa: E402
+
+KINDS = ("bicubic", "jpeg75", "realesrgan")
+
+
+def scored(psnr, niqe):
+    return {("a", kind): (psnr, niqe) for kind in KINDS}
+
+
+def test_each_target_passes_and_fails_at_its_threshold():
+    images = [("a", None, dict.fromkeys(KINDS))]
+    bicubic, peer = scored(30.0, 20.0), scored(29.0, 15.0)
+    verdicts = targets.check({"bicubic": bicubic, "realesrgan": peer, "model": scored(28.5, 17.9)}, images,
+                             {"a, blurred": -0.9})
+    assert [v[0] for v in verdicts] == ["fidelity"] * 3 + ["perception"] * 3 + ["flat"]
+    assert all(ok for _, _, ok, _ in verdicts)  # 28.5 = min(30, 29) - 0.5; NIQE 17.9 <= 20 - 2; flat -0.9 dB
+    verdicts = targets.check({"bicubic": bicubic, "realesrgan": peer, "model": scored(28.49, 18.1)}, images,
+                             {"a, blurred": -1.1})
+    assert not any(ok for _, _, ok, _ in verdicts)
+    # without the peer the floor is bicubic's alone; a photo too small for NIQE has no perception verdict
+    verdicts = targets.check({"bicubic": bicubic, "model": scored(29.4, None)}, images, {})
+    assert [ok for _, _, ok, _ in verdicts] == [False] * 3
+
+
+def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("brick.png", "camera.png"):
+        Image.open(os.path.join(PHOTOS, "train", name)).convert("RGB").resize((64, 48)).save(photos / name)
+    out = tmp_path / "targets"
+    targets.main(["--heldout", str(photos), "--out", str(out), "--work-dir", str(tmp_path / "cache"),
+                  "--threads", "1"])
+    report = json.loads((tmp_path / "targets.json").read_text())
+    assert [v[:2] for v in report["verdicts"]] == (
+        [["fidelity", f"{name}, {targets.KINDS[kind]}"] for name in ("brick", "camera") for kind in KINDS]
+        + [["flat", f"{name}, blurred (sigma 4)"] for name in ("brick", "camera")])  # 48 px: no NIQE
+    assert set(report["results"]["model"]) == {f"{name}|{kind}" for name in ("brick", "camera") for kind in KINDS}
+    assert "| brick | clean bicubic |" in (tmp_path / "targets.md").read_text()
