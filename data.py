@@ -3,7 +3,7 @@
 Training pairs are made on the fly: a random HR crop of a photo (zoomed out, flipped, rotated, now
 and then blurred smooth), degraded to LR with Real-ESRGAN's second-order pipeline, plain bicubic,
 or a mix of those with bicubic + JPEG (degradations.py). Images are
-float tensors (3, H, W) in [0, 1] on disk and in [-1, 1] for the models.
+float tensors (3, H, W) in [0, 1] as read from and written to 8-bit files, and in [-1, 1] for the models.
 
 Reading is strict: any file that is not a whole, decodable image of sensible size gives one
 `ImageError` line naming the file. Every random draw of item i comes from a generator seeded
@@ -28,6 +28,7 @@ DEGRADATIONS = {"realesrgan": degrade_realesrgan, "mixed": degrade_mixed,
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so this check is the one that speaks
 MIN_SIZE = 8
+SR_SUFFIX, COMPARE_SUFFIX = "_x4", "_x4_compare"  # sample.py writes NAME_x4.png (and NAME_x4_compare.png)
 SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
                 ".webp": ("WEBP", {"quality": 95})}
 

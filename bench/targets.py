@@ -8,7 +8,8 @@ with a note when its weights are missing) and the model super-resolve each input
 
     fidelity    on every photo and input kind, PSNR-Y >= min(bicubic, Real-ESRGAN x4plus) - 0.5 dB
     perception  per input kind, mean NIQE at least 2 below bicubic's (photos of 208 px or more a side)
-    flat        each photo blurred smooth (Gaussian sigma 4), clean input: PSNR-Y at most 1 dB below bicubic's
+    flat        each photo blurred smooth (Gaussian sigma 4; and rocket.jpg's sky when the folder has that
+                photo), clean input: PSNR-Y at most 1 dB below bicubic's
 
 Writes OUT.json and OUT.md (default bench/results/targets.*) and prints the markdown.
 """
@@ -25,6 +26,7 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 from evaluate import NIQE_MIN_SIZE, niqe, psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
+from plumbing.weights import WeightsError  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
 from report import machine, write_results  # noqa: E402
 from reproduce import GET_REALESRGAN, KINDS, cached, flat_set, heldout_set, timed, to_8bit  # noqa: E402
@@ -45,11 +47,12 @@ class TargetsConfig:
 
 
 def scores(run, images):
-    """{(photo, kind): (PSNR-Y, NIQE or None)} of one method."""
+    """{(photo, kind): (PSNR-Y, NIQE or None)} of one method; run(lr) -> (sr, seconds) as in reproduce.py."""
     out = {}
     for name, hr, lrs in images:
         for kind, lr in lrs.items():
-            sr = to_8bit(run(lr[None])[0])  # (1, 3, H, W)
+            sr, _ = run(lr[None])
+            sr = to_8bit(sr)  # (1, 3, H, W)
             out[name, kind] = (psnr_y(sr, hr[None]).item(), niqe(sr).item() if min(hr.shape[1:]) >= NIQE_MIN_SIZE
                                else None)
     return out
@@ -71,6 +74,8 @@ def check(results, images, flat_delta):
             mean_bicubic, mean_model = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
             verdicts.append(("perception", KINDS[kind], mean_model <= mean_bicubic - NIQE_GAIN,
                              f"NIQE {mean_model:.2f} against bicubic {mean_bicubic:.2f} ({len(pairs)} photos)"))
+        else:
+            verdicts.append(("perception", KINDS[kind], False, f"not measured: no photo of {NIQE_MIN_SIZE} px a side"))
     verdicts += [("flat", label, delta >= -FLAT_SLACK, f"{delta:+.2f} dB against bicubic")
                  for label, delta in flat_delta.items()]
     return verdicts
@@ -102,12 +107,17 @@ def main(argv=None):
     cfg = parse(TargetsConfig, argv)
     if not cfg.heldout or not os.path.isdir(cfg.heldout):
         sys.exit(f"error: --heldout {cfg.heldout!r}: not a folder of photos")
+    if 0 < cfg.crop < 208:  # crops are cut to multiples of 16, and NIQE needs 193 px a side
+        sys.exit(f"error: --crop {cfg.crop}: NIQE needs at least 208")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print("config:\n" + describe(cfg), flush=True)
     started, notes = time.time(), []
+    try:
+        model = FlowSR.load(cfg.checkpoint).eval()
+    except WeightsError as error:
+        sys.exit(f"error: {error}")
     images = heldout_set(cfg)
-    model = FlowSR.load(cfg.checkpoint).eval()
     methods = {"bicubic": ("Bicubic", lambda lr: (F.interpolate(lr, scale_factor=4, mode="bicubic"), 0.0))}
     try:
         peer = load_realesrgan_x4plus()
@@ -120,7 +130,10 @@ def main(argv=None):
         results = {key: scores(run, images) for key, (_, run) in methods.items()}
         flat_delta = {}
         for label, hr, lr in flat_set(cfg, images):
-            psnr = {key: psnr_y(to_8bit(methods[key][1](lr[None])[0]), hr[None]).item() for key in ("bicubic", "model")}
+            psnr = {}
+            for key in ("bicubic", "model"):
+                sr, _ = methods[key][1](lr[None])
+                psnr[key] = psnr_y(to_8bit(sr), hr[None]).item()
             flat_delta[label] = psnr["model"] - psnr["bicubic"]
     verdicts = check(results, images, flat_delta)
     report = {"command": command, "config": asdict(cfg), "machine": machine(), "seconds": time.time() - started,

@@ -85,7 +85,9 @@ def _read_safetensors_as(path, keys, dtype, channels_last):
         for key in keys:
             entry = header[key]
             start, end = entry["data_offsets"]
-            file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            file_dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if file_dtype is None:
+                raise ValueError(f"{key}: dtype {entry['dtype']} is not one these models use")
             if len(scratch) < end - start:
                 scratch = bytearray(end - start)
             data = memoryview(scratch)[:end - start]

@@ -134,6 +134,7 @@ def test_cli_without_ground_truth_scores_niqe(tmp_path, capsys):
     big, small = photo("coffee.png", (0, 0, 320, 224)), photo("chelsea.png", (0, 0, 64, 48))
     Image.fromarray(big).save(sr / "sub" / "big.png")
     Image.fromarray(small).save(sr / "small.png")
+    Image.fromarray(big).save(sr / "sub" / "big_x4_compare.png")  # sample.py --compare's side-by-side: no result
     out = tmp_path / "niqe.json"
     assert main(["--sr", str(sr), "--json", str(out), "--dists", "weights.pt"]) == 0
     result = json.loads(out.read_text())

@@ -223,18 +223,21 @@ def test_outputs_beside_input_to_file_or_folder(models, tmp_path, capsys):
     write(shots / "c.png", photo(12, 12))
     write(shots / "sub" / "d.jpg", photo(12, 16))
     shutil.copy(tmp_path / "a_x4.png", shots / "c_x4.png")  # an earlier result: skipped, not upscaled again
+    write(shots / "f_x4.jpg", photo(8, 8))  # a photo of the user's that only looks like a result: upscaled
     write(tmp_path / "e.png", photo(8, 8))
+    shutil.copy(tmp_path / "a_x4.png", tmp_path / "e_x4.png")  # matched by the glob e*.png, but a result
     code, out, err = run(capsys, shots, str(tmp_path / "e*.png"), a, "-o", tmp_path / "all", "--checkpoint",
                          models.identity, "--compare")
     assert code == 0
     written = sorted(os.path.relpath(os.path.join(r, n), tmp_path / "all")
                      for r, _, names in os.walk(tmp_path / "all") for n in names)
     assert written == sorted(["c_x4.png", "c_x4_compare.png", "sub/d_x4.png", "sub/d_x4_compare.png", "e_x4.png",
-                              "e_x4_compare.png", "a_x4.png", "a_x4_compare.png"])
+                              "e_x4_compare.png", "a_x4.png", "a_x4_compare.png", "f_x4_x4.png",
+                              "f_x4_x4_compare.png"])
     assert read(tmp_path / "all" / "sub" / "d_x4.png")[1] == (48, 64)
     assert read(tmp_path / "all" / "sub" / "d_x4_compare.png")[1] == (96, 64)  # upsampled input | result
     assert any("images: 100%" in line for line in err)  # the progress bar of several inputs
-    assert out.count("wrote ") == 4
+    assert out.count("wrote ") == 5
 
 
 def test_identity_model_gives_the_upsampled_input(models, tmp_path, capsys):
@@ -279,7 +282,9 @@ def test_overwrite_and_inputs_are_never_overwritten(models, tmp_path, capsys):
     (["{b}", "-o", "{tmp}/x.png"], "names one file, but there are 2 inputs"),
     (["-o", "{tmp}/x.bmp"], "cannot write .bmp"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap in"),
+    (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap 32 must be under the latent tile size 32"),
+    (["--tile-overlap", "256"], "--tile-overlap 256 must be under the latent tile size 256"),  # the model's own
+    (["--tile-overlap", "-1"], "--tile-overlap must be >= 0"),
     (["--tile-size", "33"], "--tile-size 33 must be a multiple of 2"),
     (["--device", "nonsense"], "--device nonsense: not a device"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import PHOTOS
@@ -27,9 +28,10 @@ def test_each_target_passes_and_fails_at_its_threshold():
     verdicts = targets.check({"bicubic": bicubic, "realesrgan": peer, "model": scored(28.49, 18.1)}, images,
                              {"a, blurred": -1.1})
     assert not any(ok for _, _, ok, _ in verdicts)
-    # without the peer the floor is bicubic's alone; a photo too small for NIQE has no perception verdict
+    # without the peer the floor is bicubic's alone; photos too small for NIQE leave perception unmet, and say so
     verdicts = targets.check({"bicubic": bicubic, "model": scored(29.4, None)}, images, {})
-    assert [ok for _, _, ok, _ in verdicts] == [False] * 3
+    assert [(target, ok) for target, _, ok, _ in verdicts] == [("fidelity", False)] * 3 + [("perception", False)] * 3
+    assert verdicts[-1][3] == "not measured: no photo of 193 px a side"
 
 
 def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
@@ -43,6 +45,18 @@ def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
     report = json.loads((tmp_path / "targets.json").read_text())
     assert [v[:2] for v in report["verdicts"]] == (
         [["fidelity", f"{name}, {targets.KINDS[kind]}"] for name in ("brick", "camera") for kind in KINDS]
-        + [["flat", f"{name}, blurred (sigma 4)"] for name in ("brick", "camera")])  # 48 px: no NIQE
+        + [["perception", targets.KINDS[kind]] for kind in KINDS]  # not measured: 48 px is too small for NIQE
+        + [["flat", f"{name}, blurred (sigma 4)"] for name in ("brick", "camera")])
     assert set(report["results"]["model"]) == {f"{name}|{kind}" for name in ("brick", "camera") for kind in KINDS}
     assert "| brick | clean bicubic |" in (tmp_path / "targets.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--heldout", "{tmp}/nowhere"], "not a folder of photos"),
+    (["--heldout", "{tmp}", "--crop", "100"], "--crop 100: NIQE needs at least 208"),
+    (["--heldout", "{tmp}", "--checkpoint", "{tmp}/missing.safetensors"], "missing.safetensors"),
+])
+def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        targets.main([arg.format(tmp=tmp_path) for arg in argv])
+    assert str(stop.value).startswith("error: ") and message in str(stop.value) and "\n" not in str(stop.value)

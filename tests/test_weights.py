@@ -84,6 +84,15 @@ def test_dtype_converts_each_tensor_as_it_is_read(tmp_path):
     assert all(torch.equal(read[k], v.bfloat16()) for k, v in tensors.items())
 
 
+def test_a_dtype_no_model_uses_is_a_one_line_error(tmp_path):
+    """An fp8 tensor next to fp32 ones: read as stored it loads; converted on reading it is refused by name."""
+    path = tmp_path / "fp8.safetensors"
+    save_file({"w": torch.randn(4, 4), "scale": torch.ones(4).to(torch.float8_e4m3fn)}, path)
+    assert weights.read_state_dict(path)["scale"].dtype == torch.float8_e4m3fn
+    with pytest.raises(WeightsError, match=r"fp8\.safetensors: not a readable safetensors file \(scale: dtype F8_E4M3 "):
+        weights.read_state_dict(path, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind", ["zip pickle", "wrapped pickle"])
 def test_dtype_converts_pickles_too(tmp_path, kind):
     path = tmp_path / "sd.ckpt"
