@@ -144,8 +144,9 @@ def _item_seed(seed, index):
 
 
 def gaussian_blur(image, sigma):
-    """(3, H, W) blurred by an isotropic Gaussian of std `sigma` pixels (reflect-padded)."""
-    radius = max(1, math.ceil(3 * sigma))
+    """(3, H, W) blurred by an isotropic Gaussian of std `sigma` pixels (reflect-padded; on an image smaller
+    than the kernel the kernel is cut to what reflection can pad)."""
+    radius = min(max(1, math.ceil(3 * sigma)), min(image.shape[1:]) - 1)
     x = torch.arange(-radius, radius + 1, dtype=image.dtype)
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
@@ -241,6 +242,6 @@ class HRFolderDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(_item_seed(self.seed, index))
         hr = random_crop_augment(self._load_readable(index), self.crop_size, generator, self.zoom_out,
                                  self.flat_prob)  # (3, S, S)
-        lr = DEGRADATIONS[self.degradation](hr, self.scale, generator)  # (3, S/4, S/4)
+        lr = DEGRADATIONS[self.degradation](hr, self.scale, generator)  # (3, S/scale, S/scale)
         return {"hr": to_model(hr), "lr": to_model(lr)}
 

@@ -191,7 +191,8 @@ class FlowSR(nn.Module):
         """Rebuild a model from a checkpoint of either kind.
 
         A LoRA checkpoint needs an SD 2.1-base: `base`, or the one its train.py run recorded. `prompt` (default:
-        the run's, or the FlowSR prompt) only applies to it; `cache_dir` caches the prompt's text embedding.
+        the run's, or the FlowSR prompt) or a ready `context` (1, 77, D) only applies to it (a full checkpoint
+        carries its own context); `cache_dir` caches the prompt's text embedding.
         `dtype` and `channels_last` (convolution kernels laid out as super_resolve's activations are) apply as
         each tensor is read, so loading holds no second copy of the weights.
         """

@@ -165,19 +165,19 @@ def run_batch(model, batch, cfg, errors):
         srs = super_resolve(model, torch.stack([item.lr for item in batch]), cfg, generator, cfg.verbose).cpu()
     except torch.OutOfMemoryError:
         for item in batch:
-            report_error(errors, item.path, f"{item.path}: out of memory (try a smaller --batch-size / --tile-size "
+            report_error(errors, f"{item.path}: out of memory (try a smaller --batch-size / --tile-size "
                                             "/ --vae-tile-size)")
         return 0
     except (ValueError, RuntimeError) as e:
         for item in batch:
-            report_error(errors, item.path, one_line(e, item.path))
+            report_error(errors, one_line(e, item.path))
         return 0
     written = 0
     for item, sr in zip(batch, srs):  # sr: (3, 4h, 4w)
         try:
             save_outputs(item, sr, cfg)
         except (ValueError, OSError) as e:
-            report_error(errors, item.path, one_line(e, item.path))
+            report_error(errors, one_line(e, item.path))
         else:
             written += 1
             if not cfg.quiet:
@@ -185,9 +185,9 @@ def run_batch(model, batch, cfg, errors):
     return written
 
 
-def report_error(errors, path, message):
-    """One error line; `path` counts as failed."""
-    errors.append(path)
+def report_error(errors, message):
+    """One error line, kept in `errors` (the exit status counts them)."""
+    errors.append(message)
     tqdm.write(f"error: {message}", file=sys.stderr)
 
 
@@ -324,7 +324,7 @@ def main(argv=None):
         try:
             item = load_input(path, out, cfg)
         except (ValueError, OSError) as e:  # ImageError is a ValueError
-            report_error(errors, path, one_line(e, path))
+            report_error(errors, one_line(e, path))
             continue
         if batch and (len(batch) == cfg.batch_size or item.lr.shape != batch[0].lr.shape):
             written += run_batch(model, batch, cfg, errors)

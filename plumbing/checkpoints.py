@@ -1,8 +1,9 @@
 """FlowSR checkpoint files, written and read strictly.
 
 Two kinds:
-- full: every UNet weight plus the context, and the configs as JSON metadata (`flowsr_model`), so the
-  model is rebuilt from the file alone (the tiny preset);
+- full: every UNet weight, the pixel head's (when the model has one) and the context, with the configs as
+  JSON metadata (`flowsr_model`: UNet, autoencoder, upsampling, flat gate, pixel head), so the model is
+  rebuilt from the file alone (the tiny preset);
 - LoRA: the layout of the published FlowSR checkpoint (SPEC 8, lora.py), loaded on top of an SD 2.1-base
   given with `base=` (or the one recorded by the train.py run that wrote it); the LoRA is merged into the
   weights once, at load time. An SD 1.x base is refused with a message saying so (`check_text_width`).
@@ -22,7 +23,7 @@ METADATA_KEY = "flowsr_model"
 
 
 def save_full(model, path, extra=None):
-    """Every UNet weight, the context, and the model's configs as metadata."""
+    """Every UNet and pixel-head weight, the context, and the model's configs as metadata."""
     tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
     if model.head is not None:
         tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
@@ -66,8 +67,9 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
         raise WeightsError(f"{path}: not a FlowSR checkpoint (no '{METADATA_KEY}' or '{lora.METADATA_KEY}' metadata)")
     if base:
         raise WeightsError(f"{path}: a full FlowSR checkpoint; it needs no --base")
-    if prompt:
-        raise ValueError(f"{path}: this model has a fixed context; a prompt does not apply to it")
+    if prompt or context is not None:
+        raise WeightsError(f"{path}: this model has a fixed context; a {'prompt' if prompt else 'context'} does not "
+                           "apply to it")
     try:
         unet_config = UNetConfig.from_dict(own["unet"])
         ae = vae_from_config(own["autoencoder"])

@@ -161,11 +161,17 @@ class StepReport:
 
 class LogWindow:
     """Sums of the stats since the last log line, and of the per-example loss by t in [0,.25) .. [.75,1].
-    Its state goes into the training state, so that a run resumed inside a window logs the whole window."""
+    Its state goes into the training state, so that a run resumed inside a window logs the whole window. Under
+    torchrun each rank keeps its own; the log shows rank 0's, the stats of its share of each batch."""
 
     def __init__(self, state=None):
-        state = state or {"sums": {}, "count": 0, "by_t": torch.zeros(2, 4)}
-        self.sums, self.count, self.by_t = state["sums"], state["count"], state["by_t"]
+        if state is None:
+            self.reset()
+        else:
+            self.sums, self.count, self.by_t = state["sums"], state["count"], state["by_t"]
+
+    def reset(self):
+        self.sums, self.count, self.by_t = {}, 0, torch.zeros(2, 4)  # by_t: loss sums, example counts
 
     def state_dict(self):
         return {"sums": self.sums, "count": self.count, "by_t": self.by_t}
@@ -188,4 +194,4 @@ class LogWindow:
         if path is not None:
             with open(path, "a") as f:
                 f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
-        self.__init__()  # a new window
+        self.reset()

@@ -323,3 +323,14 @@ def test_crop_augmentation_rotates_zooms_and_makes_some_crops_smooth():
     seen = {tuple(random_crop_augment(marker, 32, torch.Generator().manual_seed(s), zoom_out=1.0)
                   .nonzero()[:, 1:].flatten().tolist()) for s in range(80)}
     assert len(seen) == 8
+
+
+def test_smooth_crops_smaller_than_the_blur_kernel():
+    """--crop-size 16 with flat crops: the blur (sigma up to 6 px, a 37-px kernel) still smooths, with a cut kernel."""
+    from data import gaussian_blur, random_crop_augment
+    photo = load_image(os.path.join(TRAIN, "astronaut.png"))[0]
+    crops = [random_crop_augment(photo, 16, torch.Generator().manual_seed(s), flat_prob=1.0) for s in range(8)]
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    sharp = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(sharp, 6.0)
+    assert blurred.std() < 0.2 * sharp.std() and abs(blurred.mean() - sharp.mean()) < 0.05

@@ -223,8 +223,10 @@ def test_lora_checkpoint_errors(case, tmp_path):
     FlowSR.tiny().save(tiny)
     with pytest.raises(WeightsError, match=rf"^{re.escape(tiny)}: a full FlowSR checkpoint; it needs no --base"):
         FlowSR.load(tiny, base=folder)
-    with pytest.raises(ValueError, match=rf"^{re.escape(tiny)}: this model has a fixed context"):
+    with pytest.raises(WeightsError, match=rf"^{re.escape(tiny)}: this model has a fixed context; a prompt does"):
         FlowSR.load(tiny, prompt="a photo")
+    with pytest.raises(WeightsError, match=rf"^{re.escape(tiny)}: this model has a fixed context; a context does"):
+        FlowSR.load(tiny, context=torch.zeros(1, 77, 32))
 
 
 @pytest.mark.parametrize("vae_rank", [3, 0])
