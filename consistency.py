@@ -43,8 +43,9 @@ def update_ema(target, online, decay):
 
 
 def pseudo_huber(a, b, c=0.001):
-    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c (Song & Dhariwal 2024), averaged over the
-    elements of each example: (B,).
+    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c per element, averaged over the elements of each
+    example: (B,). SPEC 3's element-wise form; Song & Dhariwal 2024 apply it to the whole example's l2 norm
+    ||a - b|| with c = 0.00054 sqrt(d), d the number of elements.
 
     Computed as the equal x^2 / (sqrt(x^2 + c^2) + c), which has no cancellation when |x| << c
     (the regime near convergence) and is exactly 0 at a = b.

@@ -267,12 +267,15 @@ MIX_JPEG_RANGE = (40, 95)
 
 
 def degrade_mixed(hr, scale=4, generator=None):
-    """hr (3, H, W) -> LR (3, H/s, W/s): bicubic, bicubic + JPEG, or Real-ESRGAN, drawn by MIX_PROBS."""
+    """hr (3, H, W) -> LR (3, H/s, W/s): bicubic, bicubic + JPEG, or Real-ESRGAN, drawn by MIX_PROBS (one
+    image: each draws its own kind)."""
+    if hr.dim() != 3:
+        raise ValueError(f"degrade_mixed takes one (3, H, W) image, got shape {tuple(hr.shape)}")
     kind = _choice(tuple(MIX_PROBS), generator, tuple(MIX_PROBS.values()))
     if kind == "realesrgan":
         return degrade_realesrgan(hr, scale, generator)
     lr = degrade_bicubic(hr, scale)
     if kind == "bicubic_jpeg":
         lr = jpeg(lr, torch.randint(MIX_JPEG_RANGE[0], MIX_JPEG_RANGE[1] + 1, (), generator=generator).item())
-    return lr
+    return lr.to(hr.device)
 

@@ -43,18 +43,19 @@ FLOWSR_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus,
 FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268, 16157, 2867, 593, 8157,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
-TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: local contrast (on [-1, 1]) at which the gate is half open
+TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: the gate is half open at local contrast FLAT_CONTRAST + k
 TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead
 FLAT_CONTRAST = 3 * 2 / 255  # FlowSR.detail_gate: local contrast under three 8-bit grey levels is not detail
 
-# LoRA targets of the sd21 preset: every conv / attention / feed-forward layer of the UNet (the choice of
-# OSEDiff-style one-step SR fine-tunes), and every layer of the VAE encoder.
+# LoRA targets of the sd21 preset: the UNet's resnet, attention, feed-forward, sampler and output layers (all
+# but conv_in and the time embedding's MLP; the choice of OSEDiff-style one-step SR fine-tunes), and every
+# layer of the VAE encoder.
 UNET_LORA_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv", "conv_out", "proj_in", "proj_out",
                      "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
 
 
 def tiny_unet_config(latent_channels=48, context_dim=32):
-    """A ~3 M parameter UNet for the pixel autoencoder's 48-channel latents: trains on a laptop CPU."""
+    """A 3.9 M parameter UNet for the pixel autoencoder's 48-channel latents: trains on a laptop CPU."""
     return UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(64, 128),
                       layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=context_dim,
@@ -140,6 +141,8 @@ class FlowSR(nn.Module):
 
     def encode(self, x, tile_size=None, posterior="mean", generator=None):
         """z = s * E(x): the posterior mean, or with posterior="sample" a draw from it (a VAE's only)."""
+        if posterior not in ("mean", "sample"):
+            raise ValueError(f"encode: posterior must be 'mean' or 'sample', got {posterior!r}")
         if posterior == "sample" and isinstance(self.ae, AutoencoderKL):
             mean, logvar = self.ae.posterior(x, tile_size=tile_size)
             noise = torch.randn(mean.shape, generator=generator).to(mean)  # drawn on the CPU: same on any device
@@ -261,6 +264,8 @@ def tile_starts(length, tile, overlap):
     """Tile offsets covering [0, length); the last tile sits flush with the end."""
     if length <= tile:
         return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile})")
     stride = tile - overlap
     count = math.ceil((length - tile) / stride) + 1
     return [min(i * stride, length - tile) for i in range(count)]
@@ -318,6 +323,8 @@ def color_fix(result, reference, mode):
         mean_r, std_r = result.mean((2, 3), keepdim=True), result.std((2, 3), keepdim=True) + 1e-5
         mean_s, std_s = reference.mean((2, 3), keepdim=True), reference.std((2, 3), keepdim=True) + 1e-5
         return ((result - mean_r) / std_r * std_s + mean_s).clamp(0, 1)
+    if mode != "none":
+        raise ValueError(f"color_fix: mode must be 'wavelet', 'adain' or 'none', got {mode!r}")
     return result
 
 

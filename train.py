@@ -34,7 +34,7 @@ from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TAR
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
                                 synced_step, warnings_to)
-from plumbing.trainstate import Checkpoints, trim_log
+from plumbing.trainstate import Checkpoints, check_stage1_flags, trim_log
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
@@ -59,10 +59,10 @@ class TrainConfig:
     out_dir: str = flag("runs/tiny", "where checkpoints, grids and logs go")
     init: str = flag("", "stage-1 checkpoint to start stage 2 from (default: OUT_DIR/stage1.safetensors)")
     resume: bool = flag(False, "continue from OUT_DIR/stage*_state.pt")
-    max_steps: int = flag(0, "optimizer steps per stage (0: the preset's default)")
-    batch_size: int = flag(0, "images per optimizer step and rank (0: preset default)")
-    grad_accum: int = flag(1, "micro-batches per optimizer step (batch_size is split between them)")
-    crop_size: int = flag(0, "HR crop size in pixels (0: preset default)")
+    max_steps: int = flag(0, "optimizer steps per stage (0: the preset's default)", low=0)
+    batch_size: int = flag(0, "images per optimizer step and rank (0: preset default)", low=0)
+    grad_accum: int = flag(1, "micro-batches per optimizer step (batch_size is split between them)", low=1)
+    crop_size: int = flag(0, "HR crop size in pixels (0: preset default)", low=0)
     lr: float = flag(0.0, "AdamW learning rate of stage 1 (0: preset default)")
     stage2_lr: float = flag(0.0, "AdamW learning rate of stage 2, a fine-tune of stage 1 (0: preset default)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
@@ -72,7 +72,7 @@ class TrainConfig:
                             choices=("", *DEGRADATIONS))
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
     flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
-    flat_gate: float = flag(TINY_FLAT_GATE, "tiny: contrast k at which FlowSR.detail_gate is half open (0: no gate)")
+    flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)")
     pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head that makes the velocity "
                            "from the UNet's features (0: none, the UNet's output is the velocity)")
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
@@ -81,10 +81,10 @@ class TrainConfig:
     lpips_weight: float = flag(1.0, "weight of LPIPS in the image losses (when LPIPS weights are given)")
     # stage 2 (SPEC 3-5)
     hr_reg_weight: float = flag(1.0, "lambda_HR: weight of the HR regularization (0: plain consistency distillation)")
-    p_fast: float = flag(0.5, "share of pairs from the fast grid (0: slow only, 1: fast only)")
-    fast_steps: int = flag(4, "N_f: steps of the fast grid")
-    slow_steps: int = flag(1000, "N_s: steps of the slow grid")
-    ema_decay: float = flag(0.95, "decay of the target network's EMA (0: stop-gradient of the student)")
+    p_fast: float = flag(0.5, "share of pairs from the fast grid (0: slow only, 1: fast only)", low=0, high=1)
+    fast_steps: int = flag(4, "N_f: steps of the fast grid", low=1)
+    slow_steps: int = flag(1000, "N_s: steps of the slow grid (stage 2), and of stage 1's times", low=1)
+    ema_decay: float = flag(0.95, "EMA decay of the target network (0: stop-gradient of the student)", low=0, high=1)
     distance: str = flag("huber", "latent distance of the consistency loss", choices=("huber", "l2"))
     huber_c: float = flag(1e-3, "pseudo-Huber c")
     gt_at_zero: bool = flag(True, "use the ground-truth z_H as the consistency target when t_{n-1} = 0")
@@ -99,8 +99,8 @@ class TrainConfig:
     clip: str = flag("", "CLIP folder (Hugging Face CLIPModel layout) for the CLIP-IQA loss")
     # sd21 preset
     prompt: str = flag(FLOWSR_PROMPT, "fixed prompt whose text embedding is the UNet context (sd21)")
-    lora_rank: int = flag(4, "LoRA rank on the UNet (sd21)")
-    vae_lora_rank: int = flag(4, "LoRA rank on the VAE encoder (sd21; 0: frozen encoder)")
+    lora_rank: int = flag(4, "LoRA rank on the UNet (sd21)", low=1)
+    vae_lora_rank: int = flag(4, "LoRA rank on the VAE encoder (sd21; 0: frozen encoder)", low=0)
     stage2_encoder: str = flag("train-teacher-stage1", "sd21 stage 2: the VAE encoder's LoRA trains on and the "
                                "teacher sees the stage-1 encoder's z_L (train-teacher-stage1), or the teacher sees "
                                "the student's z_L (train), or the LoRA stays at its stage-1 weights (frozen); SPEC 3",
@@ -108,11 +108,11 @@ class TrainConfig:
     grad_checkpointing: str = flag("auto", "gradient checkpointing in the UNet (auto: on for sd21)", choices=("auto", "on", "off"))
     # machinery
     device: str = flag("auto", "auto, cpu, cuda or mps")
-    num_workers: int = flag(1, "DataLoader worker processes")
-    log_every: int = flag(50, "steps between log lines")
-    val_every: int = flag(500, "steps between validation grids")
-    ckpt_every: int = flag(250, "steps between checkpoints")
-    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row")
+    num_workers: int = flag(1, "DataLoader worker processes", low=0)
+    log_every: int = flag(50, "steps between log lines", low=1)
+    val_every: int = flag(500, "steps between validation grids", low=1)
+    ckpt_every: int = flag(250, "steps between checkpoints", low=1)
+    max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", low=1)
 
 
 # ---- setup --------------------------------------------------------------------------------------------
@@ -152,7 +152,8 @@ def build_model(cfg, device, init=None):
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
         model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
-        model.upsample = cfg.upsample
+        if init:
+            check_stage1_flags(init, cfg, model)
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
         lora.inject_lora(model.unet, UNET_LORA_TARGETS, cfg.lora_rank)
@@ -381,7 +382,7 @@ def main(argv=None):
                 os.makedirs(cfg.out_dir, exist_ok=True)
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
             dataset = open_dataset(cfg, stages, ranks.world, say)
-            val = validation_batch(cfg.val_data, cfg.crop_size, say) if ranks.rank == 0 else None
+            val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None
             for stage in stages:
                 model = train_stage(cfg, stage, dataset, val, ranks, interrupted)
     except (TrainingError, WeightsError) as e:

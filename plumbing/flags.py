@@ -9,9 +9,10 @@ import argparse
 import dataclasses
 
 
-def flag(default, help, choices=None, positional=False, short=None):
-    """A dataclass field carrying its command-line help (and optional choices, or a short alias like "-o")."""
-    meta = {"help": help, "choices": choices, "positional": positional, "short": short}
+def flag(default, help, choices=None, positional=False, short=None, low=None, high=None):
+    """A dataclass field carrying its command-line help (and optional choices, a short alias like "-o", or the
+    range [low, high] its value must lie in)."""
+    meta = {"help": help, "choices": choices, "positional": positional, "short": short, "range": (low, high)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -47,7 +48,15 @@ def with_default(help, default):
 
 def parse(config_cls, argv=None, description=None):
     """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
-    args = build_parser(config_cls, description).parse_intermixed_args(argv)  # flags may follow inputs
+    parser = build_parser(config_cls, description)
+    args = parser.parse_intermixed_args(argv)  # flags may follow inputs
+    for f in dataclasses.fields(config_cls):
+        low, high = f.metadata.get("range", (None, None))
+        value, name = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if low is not None and value < low or high is not None and value > high:
+            bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+                f">= {low}" if low is not None else f"<= {high}"
+            parser.error(f"{name} {value}: must be {bounds}")
     return config_cls(**vars(args))
 
 

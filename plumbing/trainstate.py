@@ -62,6 +62,13 @@ def check_resumable(path, saved, current):
         raise TrainingError(f"{path} does not fit this run: " + "; ".join(diffs[:3]) + more)
 
 
+def check_stage1_flags(path, cfg, model):
+    """Stage 2 of the tiny preset goes on from the stage-1 model in `path`; flags that describe another model
+    (up-sampling, flat gate, pixel head) are refused rather than ignored."""
+    saved = {"upsample": model.upsample, "flat_gate": model.flat_gate, "pixel_head": model.config_dict()["pixel_head"]}
+    check_resumable(path, saved, {name: getattr(cfg, name) for name in saved})
+
+
 def trim_log(path, stage, step):
     """Keep the log lines up to (stage, step): the steps after it are about to be (re)done."""
     def keep(line):

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
 
-from data import ImageError, from_model, list_images, load_image, save_image, to_model
-from degradations import degrade_realesrgan
+from data import DEGRADATIONS, ImageError, from_model, list_images, load_image, save_image, to_model
 from flow import sample
 
 
-def validation_batch(folder, crop_size, say, n=4):
-    """(x_hr, x_lr) of the first n photos in folder: center crops, degraded with fixed seeds; None when
-    there is no readable photo."""
+def validation_batch(folder, crop_size, degradation, say, n=4):
+    """(x_hr, x_lr) of the first n photos in folder: centre crops (a smaller photo is scaled up to the crop
+    size), degraded like the training inputs (`degradation`: a name in data.DEGRADATIONS) with fixed seeds; None
+    when there is no readable photo."""
     paths = list_images(folder)[:n] if os.path.isdir(folder) else []
     x_hrs, x_lrs = [], []
     for i, path in enumerate(paths):
@@ -21,12 +21,13 @@ def validation_batch(folder, crop_size, say, n=4):
         except ImageError as e:
             say(f"warning: skipping {e}")
             continue
-        size = min(crop_size, *image.shape[1:]) // 16 * 16
+        size = min(crop_size, *image.shape[1:])
         top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
-        x_hr = image[:, top:top + size, left:left + size]
-        x_hr = F.interpolate(x_hr[None], size=crop_size, mode="bicubic", antialias=True)[0].clamp(0, 1)
+        x_hr = image[:, top:top + size, left:left + size]  # (3, size, size)
+        if size < crop_size:
+            x_hr = F.interpolate(x_hr[None], size=crop_size, mode="bicubic")[0].clamp(0, 1)  # (3, S, S)
         x_hrs.append(to_model(x_hr))
-        x_lrs.append(to_model(degrade_realesrgan(x_hr, 4, torch.Generator().manual_seed(1000 + i))))
+        x_lrs.append(to_model(DEGRADATIONS[degradation](x_hr, 4, torch.Generator().manual_seed(1000 + i))))
     if not x_hrs:
         say(f"no validation grids: no readable photos in {folder}")
         return None

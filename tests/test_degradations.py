@@ -258,3 +258,5 @@ def test_mixed_degradation_draws_each_kind_at_its_rate(monkeypatch):
     shares = {"bicubic": kinds.count("bicubic"), "bicubic_jpeg": len(qualities), "realesrgan": kinds.count("realesrgan")}
     for kind, p in MIX_PROBS.items():
         assert abs(shares[kind] / len(kinds) - p) < 0.07, shares
+    with pytest.raises(ValueError, match=r"degrade_mixed takes one \(3, H, W\) image, got shape \(2, 3, 64, 64\)"):
+        degrade_mixed(hr.expand(2, 3, 64, 64), 4, torch.Generator().manual_seed(5))  # one kind for a whole batch

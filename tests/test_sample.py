@@ -480,6 +480,10 @@ def test_color_fix_modes(models):
     def low_diff(x):
         return (flowsr.wavelet_split(x)[1] - flowsr.wavelet_split(up)[1]).abs().mean()
     assert low_diff(out["wavelet"]) < low_diff(out["none"]) / 2
+    with pytest.raises(ValueError, match="color_fix: mode must be 'wavelet', 'adain' or 'none', got 'Wavelet'"):
+        flowsr.super_resolve(model, lr, color="Wavelet")  # a typo is no silent "none"
+    with pytest.raises(ValueError, match="encode: posterior must be 'mean' or 'sample', got 'mode'"):
+        flowsr.super_resolve(model, lr, posterior="mode")
 
 
 def test_bf16_stays_close_to_fp32(models, tmp_path, capsys):
@@ -516,6 +520,9 @@ def test_tiles_blend_to_the_untiled_result_for_any_tile_size(dtype):
         tiled = flowsr.tiled_velocity(model, tile, overlap)(z, t)
         assert tiled.dtype == dtype and torch.isfinite(tiled).all()
         assert (tiled.float() - untiled.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 2e-3)
+    for overlap in (6, 9, -1):  # tiles that would not advance (NaN or a division by zero before)
+        with pytest.raises(ValueError, match=rf"tile overlap {overlap} must be in \[0, tile size 6\)"):
+            flowsr.tiled_velocity(model, 6, overlap)(z, t)
 
 
 def test_one_tile_is_the_untiled_result(published, models, tmp_path, capsys):

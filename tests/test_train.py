@@ -89,6 +89,20 @@ def test_command_line_help_and_errors(tmp_path):
     assert unknown.value.code == 2 and "unrecognized arguments: --no-such-flag" in stderr.getvalue()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
+    (["--p-fast", "1.5"], "--p-fast 1.5: must be in [0, 1]"),  # would fail only at stage 2's first step
+    (["--ema-decay", "-0.1"], "--ema-decay -0.1: must be in [0, 1]"),
+    (["--slow-steps", "0"], "--slow-steps 0: must be >= 1"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--vae-lora-rank", "-1"], "--vae-lora-rank -1: must be >= 0"),
+])
+def test_values_out_of_range_stop_before_training(argv, message):
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        train.main(argv)
+    assert stop.value.code == 2 and stderr.getvalue().splitlines()[-1].endswith(f": error: {message}")
+
+
 def test_config_is_printed_at_start_and_stored_in_every_checkpoint(trained):
     _, stdout, out = trained
     lines = stdout.splitlines()
@@ -204,6 +218,11 @@ def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path):
     one_line_error(result, str(tmp_path / "stage1_state.pt"), "not a readable training state")
     result, _ = run(args(photos, tmp_path / "fresh", "--stage", "2"))
     one_line_error(result, str(tmp_path / "fresh" / "stage1.safetensors"), "no stage-1 checkpoint")
+    # stage 2 goes on from the stage-1 model: flags that describe another one are refused, not ignored
+    result, _ = run(args(photos, tmp_path / "s2", "--stage", "2", "--init", str(tmp_path / "stage1.safetensors"),
+                         "--flat-gate", "0"))
+    one_line_error(result, str(tmp_path / "stage1.safetensors"), "does not fit this run",
+                   "flat_gate 0.02 in the checkpoint, 0.0 here")
 
 
 # ---- the sd21 preset on a tiny Stable Diffusion folder ---------------------------------------------------
