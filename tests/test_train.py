@@ -103,6 +103,17 @@ def test_values_out_of_range_stop_before_training(argv, message):
     assert stop.value.code == 2 and stderr.getvalue().splitlines()[-1].endswith(f": error: {message}")
 
 
+def test_validation_crops_are_exact_and_degraded_like_the_run(tmp_path):
+    from plumbing.validation import validation_batch
+    photo = load_image(os.path.join(ROOT, "photos", "train", "brick.png"))[0]  # (3, 512, 512)
+    Image.fromarray((photo.permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / "a.png")
+    x_hr, x_lr = validation_batch(tmp_path, 72, "bicubic", print)  # 72: not a multiple of 16
+    top, left = (512 - 72) // 2, (512 - 72) // 2
+    assert x_hr.shape == (1, 3, 72, 72) and torch.allclose(x_hr[0], photo[:, top:top + 72, left:left + 72] * 2 - 1,
+                                                            atol=1e-6)
+    assert torch.allclose(x_lr[0], degrade_bicubic((x_hr[0] + 1) / 2, 4) * 2 - 1, atol=1e-6)
+
+
 def test_config_is_printed_at_start_and_stored_in_every_checkpoint(trained):
     _, stdout, out = trained
     lines = stdout.splitlines()
