@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 
 import data
-from plumbing.flags import describe, flag, parse
+from plumbing.flags import describe, device_problem, flag, parse
 from plumbing.dists import try_load_dists
 from plumbing.weights import WeightsError, read_state_dict
 
 METRICS = ("psnr_y", "ssim_y", "lpips", "dists", "niqe")
 NIQE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "niqe_pristine.safetensors")
 NIQE_PATCH = 96
-NIQE_MIN_SIZE = 2 * NIQE_PATCH + 1  # two whole tiles a side and then some (scikit-video asserts > 193)
+NIQE_MIN_SIZE = 2 * NIQE_PATCH + 1  # two tiles need 192; the floor here is 193 (scikit-video's own check: 194)
 NIQE_FEATURES = 36  # 18 per scale
 
 
@@ -336,7 +336,7 @@ class EvalConfig:
     lpips_heads: str = flag(None, "LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
     dists: str = flag(None, "DISTS alpha/beta weights (DISTS_pytorch's weights.pt)")
     vgg: str = flag(None, "torchvision VGG16 weights for the DISTS backbone (vgg16-397923af.pth)")
-    device: str = flag("cpu", "device that runs LPIPS and DISTS (cpu, cuda, ...)")
+    device: str = flag("cpu", "device of LPIPS and DISTS, and of the other metrics when either is loaded")
 
 
 def load_lpips(config, log):
@@ -352,6 +352,9 @@ def main(argv=None):
     print(describe(config))
     if not config.sr:
         print("evaluate.py: error: --sr is required", file=sys.stderr)
+        return 2
+    if device_problem(config.device):
+        print(f"evaluate.py: error: {device_problem(config.device)}", file=sys.stderr)
         return 2
     notes = []
     try:

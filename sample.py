@@ -33,7 +33,7 @@ import flowsr
 from data import (COMPARE_SUFFIX, IMAGE_EXTENSIONS, SAVE_FORMATS, SR_SUFFIX, ImageError, list_images, load_image,
                   save_image)
 from flowsr import FlowSR
-from plumbing.flags import describe, flag, parse
+from plumbing.flags import describe, device_problem, flag, parse
 from plumbing.weights import WeightsError, first_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -222,15 +222,7 @@ def check_flags(cfg, n_inputs):
         return f"-o {cfg.output}: cannot write {extension} (use one of {', '.join(SAVE_FORMATS)})"
     if extension in IMAGE_EXTENSIONS and n_inputs > 1:
         return f"-o {cfg.output} names one file, but there are {n_inputs} inputs: give a folder"
-    if cfg.device != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            return f"--device {cfg.device}: not a device (auto, cpu, cuda, cuda:N or mps)"
-        if device.type == "cuda" and not torch.cuda.is_available() or \
-                device.type == "mps" and not torch.backends.mps.is_available():
-            return f"--device {cfg.device}: not available on this machine"
-    return None
+    return device_problem(cfg.device) if cfg.device != "auto" else None
 
 
 def check_tiles(cfg, model):

@@ -99,12 +99,14 @@ class UNetConfig:
 
 
 def timestep_embedding(t, dim, flip_sin_to_cos, freq_shift, max_period=10000):
-    """Sinusoidal features of (fractional) timesteps, as in DDPM / the Transformer: (B,) -> (B, dim)."""
+    """Sinusoidal features of (fractional) timesteps, as in DDPM / the Transformer: (B,) -> (B, dim); an odd dim
+    gets a last column of zeros, as in diffusers."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
     angles = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, half)
     sin, cos = torch.sin(angles), torch.cos(angles)
-    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)  # (B, dim)
+    features = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)  # (B, 2 half)
+    return F.pad(features, (0, dim % 2))  # (B, dim)
 
 
 def call(module, *args, checkpointed):

@@ -235,6 +235,8 @@ def upscale(model, x, tile=None):
 
     Every tile sees a PREPADDING-pixel margin of real or reflected neighbours, as in realesrgan-ncnn-vulkan,
     so tiling changes the result only where the receptive field reaches beyond that margin."""
+    if tile is not None and tile < 1:
+        raise ValueError(f"tile size {tile}: must be at least 1 (or None: one tile)")
     _, _, h, w = x.shape
     p = PREPADDING
     padded = x[..., _reflect_index(h, p), :][..., _reflect_index(w, p)]  # (B, 3, h + 2p, w + 2p)
@@ -264,7 +266,7 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from data import load_image, save_image
 
-    parser = argparse.ArgumentParser(description="Real-ESRGAN x4plus (ncnn weights, PyTorch CPU/GPU)")
+    parser = argparse.ArgumentParser(description="Real-ESRGAN x4plus (ncnn weights, PyTorch on the CPU)")
     parser.add_argument("inputs", nargs="+", help="images to upscale x4")
     parser.add_argument("-o", "--output", required=True, help="an output file (one input) or folder")
     parser.add_argument("--tile", type=int, default=400, help="tile size in input pixels, 0: whole image "
@@ -286,5 +288,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad weights files or images: one line, not a traceback
+    except (ValueError, OSError) as error:  # bad or missing weights files or images: one line, not a traceback
         sys.exit(f"error: {error}")

@@ -33,7 +33,7 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]  # the project
 import train  # noqa: E402
 from data import gaussian_blur, list_images, load_image, save_image  # noqa: E402
 from degradations import degrade_bicubic, degrade_realesrgan, jpeg  # noqa: E402
-from evaluate import niqe, psnr_y, ssim_y  # noqa: E402
+from evaluate import NIQE_MIN_SIZE, niqe, psnr_y, ssim_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
@@ -132,6 +132,21 @@ def heldout_set(cfg):
     if not items:
         sys.exit(f"error: {cfg.heldout}: no images")
     return items
+
+
+def checked_heldout_set(cfg):
+    """heldout_set, after checking the flags that only the scoring reads; exits with one line."""
+    if not os.path.isdir(cfg.heldout):
+        sys.exit(f"error: --heldout {cfg.heldout}: no such folder")
+    steps = cfg.euler_steps + cfg.uniform_steps
+    if not all(n.isdigit() and int(n) >= 1 for n in steps):
+        sys.exit(f"error: --euler-steps / --uniform-steps take whole numbers >= 1, got {' '.join(steps)}")
+    images = heldout_set(cfg)
+    small = [f"{name} {hr.shape[2]}x{hr.shape[1]}" for name, hr, _ in images if min(hr.shape[1:]) < NIQE_MIN_SIZE]
+    if small:
+        sys.exit(f"error: {', '.join(small)}: under {NIQE_MIN_SIZE} px a side (after the cut to multiples of 16), "
+                 "too small for NIQE")
+    return images
 
 
 def flat_set(cfg, images):
@@ -321,13 +336,13 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     print("config:\n" + describe(cfg), flush=True)
     started = time.time()
+    images = checked_heldout_set(cfg)  # before tens of minutes of training, not after
     check_work_dir(cfg)
     train_s = {}  # wall seconds of each train.py run (a few when an earlier run had already finished it)
     stage1_path, train_s["stage1"] = train_stage(cfg, "stage1", 1, cfg.stage1_steps, [])
     stage2_paths = {}
     for key, (_, flags) in STAGE2_ROWS.items():
         stage2_paths[key], train_s[key] = train_stage(cfg, key, 2, cfg.stage2_steps, ["--init", stage1_path, *flags])
-    images = heldout_set(cfg)
     flat = flat_set(cfg, images)
     notes = []
     results, shown = score(methods(cfg, stage1_path, stage2_paths, notes), images, flat)

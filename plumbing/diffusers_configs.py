@@ -1,8 +1,10 @@
 """diffusers config.json dicts -> the keyword arguments of unet.UNetConfig and vae.AutoencoderKLConfig.
 
 diffusers' configs carry many keys for features Stable Diffusion does not use. Each is accepted only at the
-value that leaves SD's math unchanged, and every other unknown key is an error, so a config of another model
-fails here with the key's name instead of loading into the wrong network.
+value that leaves SD's math unchanged, so a config of another model fails here with the key's name instead of
+loading into the wrong network. For the UNet every other unknown key is an error too; the VAE's config.json
+also carries keys that only steer diffusers' pipelines (sample_size, force_upcast), so its other keys are
+ignored, and a VAE that differs in an ignored way still fails at loading, on its weights' names and shapes.
 """
 
 UNET_FIXED = {  # key: the accepted values, the first being SD's

@@ -3,10 +3,13 @@
 Each script (train.py, sample.py, evaluate.py) declares its settings as a dataclass whose fields are made with
 `flag(default, help)`. `parse(Config, argv)` turns that into an argparse parser (`--max-steps` for
 `max_steps`; booleans get `--x/--no-x`), rejects unknown flags, and returns the filled dataclass;
-`describe(config)` prints it at start and `asdict(config)` is what checkpoints store.
+`describe(config)` prints it at start and `asdict(config)` is what checkpoints store; `device_problem` checks
+a --device value.
 """
 import argparse
 import dataclasses
+
+import torch
 
 
 def flag(default, help, choices=None, positional=False, short=None, low=None, high=None):
@@ -58,6 +61,18 @@ def parse(config_cls, argv=None, description=None):
                 f">= {low}" if low is not None else f"<= {high}"
             parser.error(f"{name} {value}: must be {bounds}")
     return config_cls(**vars(args))
+
+
+def device_problem(name):
+    """Why --device `name` cannot run here (not a device, or not on this machine), or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device (cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda" and not torch.cuda.is_available() or \
+            device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: not available on this machine"
+    return None
 
 
 def describe(config):

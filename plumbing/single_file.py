@@ -227,6 +227,9 @@ def read_text_encoder(path):
     if state_dict := under(checkpoint, SD1_TEXT_PREFIX):
         state_dict.pop("embeddings.position_ids", None)  # a buffer older transformers saved
         return text_config_from_shapes(state_dict, "quick_gelu", path), state_dict
+    if read_state_dict(path, "text_model.embeddings.token_embedding.weight"):
+        raise WeightsError(f"{path}: transformers-layout text encoder weights; pass the folder holding it and its "
+                           "config.json")
     raise WeightsError(f"{path}: no CLIP text encoder in this file "
                        f"(no keys under {OPENCLIP_PREFIX} or {SD1_TEXT_PREFIX})")
 

@@ -339,6 +339,10 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
     with pytest.raises(WeightsError) as e:
         clip.CLIPTextModel.from_pretrained(str(tmp_path / "unet-only.safetensors"))
     one_line_error(e, "unet-only.safetensors", "no CLIP text encoder")
+    save_file({"text_model.embeddings.token_embedding.weight": torch.randn(8, 4)}, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError) as e:  # text_encoder/model.safetensors given without its folder
+        clip.CLIPTextModel.from_pretrained(str(tmp_path / "model.safetensors"))
+    one_line_error(e, "model.safetensors", "transformers-layout text encoder weights; pass the folder")
 
     with pytest.raises(WeightsError) as e:  # a text encoder folder is not a CLIPModel folder
         clip.CLIPModel.from_pretrained(str(tmp_path / "te"))

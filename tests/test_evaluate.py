@@ -141,6 +141,9 @@ def test_cli_rejects_unknown_flags_and_requires_folders(tmp_path, capsys):
     assert main(["--gt", str(tmp_path)]) == 2
     assert main(["--sr", str(tmp_path / "nowhere"), "--gt", str(tmp_path)]) == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
+    assert main(["--sr", str(tmp_path), "--device", "gpu"]) == 2  # a typo: one line, not a traceback
+    assert capsys.readouterr().err.splitlines() == ["evaluate.py: error: --device gpu: not a device (cpu, cuda, "
+                                                    "cuda:N or mps)"]
 
 
 def test_folders_subfolders_unreadable_files_and_duplicate_stems(tmp_path):

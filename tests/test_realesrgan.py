@@ -95,6 +95,8 @@ def test_upscale_padding_and_tiles_line_up(tile):
     out = upscale(lambda z: F.interpolate(z, scale_factor=4, mode="nearest"), x, tile)
     assert torch.equal(out, F.interpolate(x, scale_factor=4, mode="nearest"))
     assert upscale(RRDBNet(**TINY), x, tile).shape == (1, 3, 52, 36)
+    with pytest.raises(ValueError, match="tile size -4: must be at least 1"):
+        upscale(RRDBNet(**TINY), x, -4)  # no tile would run: the output would be left uninitialised
 
 
 def test_reflect_padding_is_reflect_101():

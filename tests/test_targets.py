@@ -1,4 +1,4 @@
-"""bench/targets.py: the three targets of the bundled model, checked on a folder of photos."""
+"""bench/targets.py: the three targets of the bundled model, checked on a folder of photos; reproduce.py's early checks."""
 import json
 import os
 import sys
@@ -60,3 +60,19 @@ def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as stop:
         targets.main([arg.format(tmp=tmp_path) for arg in argv])
     assert str(stop.value).startswith("error: ") and message in str(stop.value) and "\n" not in str(stop.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--euler-steps", "2", "x"], "--euler-steps / --uniform-steps take whole numbers >= 1"),
+    (["--heldout", "{tmp}/nowhere"], "no such folder"),
+    (["--heldout", "{tmp}"], "small 160x96: under 193 px a side"),
+])
+def test_reproduce_checks_its_scoring_flags_before_training(tmp_path, argv, message):
+    """bench/reproduce.py trains for tens of minutes before it scores: what only the scoring reads is checked first."""
+    import reproduce
+    Image.new("RGB", (160, 104)).save(tmp_path / "small.png")
+    work_dir = tmp_path / "work"
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main([arg.format(tmp=tmp_path) for arg in argv] + ["--work-dir", str(work_dir)])
+    assert str(stop.value).startswith("error: ") and message in str(stop.value)
+    assert not work_dir.exists()  # nothing trained, nothing written

@@ -321,3 +321,16 @@ def test_full_size_sd21_base(tmp_path):
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
         del ours
     print(f"full-size SD 2.1-base UNet: both layouts match diffusers in {time.time() - start:.0f} s")
+
+
+@pytest.mark.parametrize("dim", [32, 33, 320])
+def test_timestep_embedding_matches_diffusers(dim):
+    """Both orders and frequency shifts, and an odd width (diffusers pads a zero column)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+    from unet import timestep_embedding
+    t = torch.tensor([0.0, 1.5, 500.0, 999.0])
+    for flip in (True, False):
+        for shift in (0, 1):
+            ours = timestep_embedding(t, dim, flip, shift)
+            reference = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+            assert ours.shape == (4, dim) and torch.allclose(ours, reference, atol=1e-5)
