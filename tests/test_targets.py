@@ -1,4 +1,5 @@
-"""bench/targets.py: the three targets of the bundled model, checked on a folder of photos; reproduce.py's early checks."""
+"""bench/targets.py: the three targets of the bundled model, checked on a folder of photos; and the checks
+bench/reproduce.py makes before it trains."""
 import json
 import os
 import sys
