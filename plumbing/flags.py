@@ -55,12 +55,16 @@ def parse(config_cls, argv=None, description=None):
     args = parser.parse_intermixed_args(argv)  # flags may follow inputs
     for f in dataclasses.fields(config_cls):
         low, high = f.metadata.get("range", (None, None))
-        value, name = getattr(args, f.name), "--" + f.name.replace("_", "-")
-        if low is not None and value < low or high is not None and value > high:
-            bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
-                f">= {low}" if low is not None else f"<= {high}"
-            parser.error(f"{name} {value}: must be {bounds}")
+        value = getattr(args, f.name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            parser.error(f"--{f.name.replace('_', '-')} {value}: must be {range_text(low, high)}")
     return config_cls(**vars(args))
+
+
+def range_text(low, high):
+    if high is None:
+        return f">= {low}"
+    return f"<= {high}" if low is None else f"in [{low}, {high}]"
 
 
 def device_problem(name):
