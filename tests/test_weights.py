@@ -1,5 +1,6 @@
 """weights.py: reading part of a file by prefix, one-line errors naming the file, strict loading."""
 import os
+import random
 
 import pytest
 import torch
@@ -137,14 +138,14 @@ def test_unreadable_files_give_one_line_errors_naming_the_file(tmp_path, prefix)
     for name, words in cases:
         path = tmp_path / name
         if name.startswith("random"):
-            path.write_bytes(os.urandom(4096))
+            path.write_bytes(random.Random(0).randbytes(4096))
         assert_one_line_error(lambda: weights.read_state_dict(path, prefix=prefix), path, words)
 
 
 def test_metadata_json_and_folder_errors_name_the_file(tmp_path):
     save_file(TENSORS, tmp_path / "plain.safetensors", metadata={"flowsr": "1"})
     assert weights.read_metadata(tmp_path / "plain.safetensors") == {"flowsr": "1"}
-    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    (tmp_path / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     assert_one_line_error(lambda: weights.read_metadata(tmp_path / "random.safetensors"),
                           tmp_path / "random.safetensors", "not a readable safetensors file")
     assert_one_line_error(lambda: weights.read_metadata(tmp_path / "absent.safetensors"),
