@@ -290,16 +290,16 @@ class CLIPTextModel(nn.Module):
             folder = os.path.join(path, "text_encoder") if os.path.isdir(os.path.join(path, "text_encoder")) else path
             config = config_from_json(CLIPTextConfig, read_json(os.path.join(folder, "config.json")))
             weights_path = find_weights_file(folder, WEIGHT_NAMES)
-            state_dict = read_state_dict(weights_path)
+            state_dict = read_state_dict(weights_path, dtype=dtype)
             state_dict = {key.removeprefix("text_model."): value for key, value in state_dict.items()}
             state_dict.pop("embeddings.position_ids", None)  # a buffer older transformers saved
         else:
             weights_path = path
-            config_dict, state_dict = single_file.read_text_encoder(path)
+            config_dict, state_dict = single_file.read_text_encoder(path, dtype)
             config = config_from_json(CLIPTextConfig, config_dict)
         with torch.device("meta"):
             model = cls(config)
-        return load_strict(model, cast(state_dict, dtype), weights_path)
+        return load_strict(model, state_dict, weights_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,13 +375,9 @@ class CLIPModel(nn.Module):
         text_config = config_from_json(CLIPTextConfig, {**config["text_config"], **projection})
         vision_config = config_from_json(CLIPVisionConfig, {**config["vision_config"], **projection})
         weights_path = find_weights_file(path, WEIGHT_NAMES)
-        state_dict = read_state_dict(weights_path)
+        state_dict = read_state_dict(weights_path, dtype=dtype)
         for buffer in ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"):
             state_dict.pop(buffer, None)  # saved by older transformers; positions are implicit here
         with torch.device("meta"):
             model = cls(text_config, vision_config)
-        return load_strict(model, cast(state_dict, dtype), weights_path)
-
-
-def cast(state_dict, dtype):
-    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+        return load_strict(model, state_dict, weights_path)

@@ -219,9 +219,9 @@ OPENCLIP_RENAMES = (("transformer.resblocks.", "encoder.layers."), (".ln_1.", ".
                     ("positional_embedding", "embeddings.position_embedding.weight"))
 
 
-def read_text_encoder(path):
+def read_text_encoder(path, dtype=None):
     """(config.json-style dict, state dict in CLIPTextModel names) of an SD 2.x or 1.x single file."""
-    checkpoint = read_state_dict(path, "cond_stage_model.")
+    checkpoint = read_state_dict(path, "cond_stage_model.", dtype)
     if openclip := under(checkpoint, OPENCLIP_PREFIX):
         return openclip_text_weights(openclip, path)
     if state_dict := under(checkpoint, SD1_TEXT_PREFIX):

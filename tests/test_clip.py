@@ -223,14 +223,15 @@ def test_single_file_reads_only_text_encoder_tensors(tmp_path, monkeypatch):
     save_file({**checkpoint, "model.diffusion_model.out.2.bias": torch.zeros(4)}, tmp_path / "sd.safetensors")
     read = []
 
-    def recording(path, prefix=None):
-        tensors = weights.read_state_dict(path, prefix)
+    def recording(path, prefix=None, dtype=None):
+        tensors = weights.read_state_dict(path, prefix, dtype)
         read.extend(tensors)
         return tensors
 
     monkeypatch.setattr(single_file, "read_state_dict", recording)
-    clip.CLIPTextModel.from_pretrained(str(tmp_path / "sd.safetensors"))
+    model = clip.CLIPTextModel.from_pretrained(str(tmp_path / "sd.safetensors"), dtype=torch.bfloat16)
     assert sorted(read) == sorted(checkpoint)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # converted as read, no fp32 copy kept
 
 
 def test_openclip_key_mapping_agrees_with_diffusers():
