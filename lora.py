@@ -335,6 +335,17 @@ def _adapter_name(state_dict, source):
     return names.pop() if names else "default"
 
 
+def load_flowsr_lora(path, unet, vae):
+    """Load a published-layout checkpoint strictly into the LoRA already injected in ``unet`` and ``vae`` (with
+    DEFAULT_ALPHA), to train on from it; another lora_alpha is refused, as its weights would act at another scale."""
+    fields, unet_sd, vae_sd = read_flowsr_checkpoint(path)
+    if fields.get("lora_alpha", DEFAULT_ALPHA) != DEFAULT_ALPHA:
+        raise WeightsError(f"{os.fspath(path)}: lora_alpha {fields['lora_alpha']}; training goes on from alpha "
+                           f"{DEFAULT_ALPHA} only")
+    load_lora_state_dict(unet, unet_sd, path)
+    load_lora_state_dict(vae, vae_sd, path)
+
+
 def apply_flowsr_checkpoint(path, unet, vae, merge=True):
     """Inject the checkpoint's LoRA into ``unet`` and ``vae``, load it strictly, then (by default) merge it.
 

@@ -161,9 +161,7 @@ def build_model(cfg, device, init=None):
             lora.inject_lora(model.ae, vae_encoder_targets(model.ae), cfg.vae_lora_rank)
         lora.mark_only_lora_trainable(model)
         if init:
-            _, unet_sd, vae_sd = lora.read_flowsr_checkpoint(init)
-            lora.load_lora_state_dict(model.unet, unet_sd, init)
-            lora.load_lora_state_dict(model.ae, vae_sd, init)
+            lora.load_flowsr_lora(init, model.unet, model.ae)
     model.unet.gradient_checkpointing = cfg.grad_checkpointing == "on"
     if cfg.crop_size % model.pad_multiple:
         raise TrainingError(f"--crop-size {cfg.crop_size} must be a multiple of {model.pad_multiple} for this model")

@@ -338,6 +338,23 @@ def test_load_lora_state_dict_is_strict():
         lora.load_lora_state_dict(model, dict(good, **{"conv1.weight": torch.zeros(6, 6, 3, 3)}), "src.pt")
 
 
+def test_load_flowsr_lora_to_train_on_refuses_another_alpha(tmp_path):
+    unet, vae = Block(), Block()
+    lora.inject_lora(unet, ["conv1", "to_q"], 2)
+    lora.inject_lora(vae, ["conv1"], 2)
+    stored = {name: {k: torch.randn_like(v) for k, v in lora.lora_state_dict(m).items() if "lora_" in k}
+              for name, m in (("unet", unet), ("vae", vae))}
+    fields = {"unet_rank": 2, "unet_lora_target_modules": ["conv1", "to_q"], "vae_rank": 2,
+              "vae_lora_target_modules": ["conv1"], "lora_alpha": lora.DEFAULT_ALPHA}
+    lora.write_flowsr_checkpoint(tmp_path / "a.safetensors", fields, stored["unet"], stored["vae"])
+    lora.load_flowsr_lora(tmp_path / "a.safetensors", unet, vae)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in stored["unet"].items())
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in stored["vae"].items())
+    lora.write_flowsr_checkpoint(tmp_path / "b.safetensors", dict(fields, lora_alpha=16), stored["unet"], stored["vae"])
+    with pytest.raises(WeightsError, match=r"b\.safetensors: lora_alpha 16; training goes on from alpha 8 only"):
+        lora.load_flowsr_lora(tmp_path / "b.safetensors", unet, vae)
+
+
 def test_adapters_share_the_base_and_one_is_active_per_call():
     """Teacher / target adapters over one base (stage 2, issue 10): a view computes with its own LoRA only, the
     model stays the student, and only the student's adapter is exported, trained and counted."""
