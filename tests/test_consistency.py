@@ -148,6 +148,20 @@ def test_hr_regularization_terms_and_weights():
     assert stats["hr_lpips"] == pytest.approx((0.5 * FAST_PAIRS[0]).mean().item())
 
 
+def test_huber_distance_and_latent_scale_in_values():
+    """A student off by a constant: the consistency term is the pseudo-Huber of its error with the given c, and
+    x_pred decodes the endpoint divided by the latent scale (0.5 here, 1 in the pixel autoencoder)."""
+    ae, x_hr, _, _ = dyadic_batch()
+    ae.scaling_factor = 0.5
+    z_H, z_L = 0.5 * ae.encode(x_hr), 0.5 * ae.encode(-x_hr)
+    exact, wrong = velocity(z_H, z_L), velocity(z_H, z_L, offset=0.5)
+    objective = consistency.ConsistencyFlowDistillation(ae, distance="huber", huber_c=0.1, hr_reg_weight=0.0)
+    _, per_sample, _, x_pred = objective.loss(wrong, exact, exact, x_hr, z_H, z_L, *FAST_PAIRS, None)
+    error = 0.5 * FAST_PAIRS[0]  # f = z_H - t_n * 0.5 against the target z_H (or z_hat, on the path)
+    torch.testing.assert_close(per_sample, (error ** 2 + 0.01).sqrt() - 0.1)
+    torch.testing.assert_close(x_pred, ae.decode((z_H - error.view(-1, 1, 1, 1)) / 0.5))
+
+
 def test_gradients_reach_the_student_only():
     ae, x_hr, z_H, z_L = dyadic_batch()
     student, teacher = TinyVelocityNet(hidden=16), TinyVelocityNet(hidden=16)

@@ -56,6 +56,37 @@ def test_one_step_sample_is_z_L_minus_velocity_at_1000():
     torch.testing.assert_close(flow.sample(net, z_L, None, [1.0, 0.0]), expected, atol=1e-6, rtol=0)
 
 
+def test_multi_step_sample_is_euler_with_a_network_that_reads_z():
+    """Each step evaluates the network at the current z and time (a constant velocity could not tell)."""
+    _, _, _, z_L = dyadic_batch()
+    net = TinyVelocityNet()
+    sigmas = schedulers.flow_match_sigmas(3)
+    z = z_L
+    for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        z = z + (b - a) * net(z, torch.full((3,), 1000 * a), None)
+    torch.testing.assert_close(flow.sample(net, z_L, None, sigmas), z, atol=1e-6, rtol=0)
+
+
+class ScaledAutoencoder(PixelAutoencoder):
+    """The pixel autoencoder with SD's kind of latent scale, so that a missing or inverted 1/s shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.scaling_factor = 0.5
+
+
+def test_losses_decode_the_endpoint_divided_by_the_latent_scale():
+    ae, x_hr, _, _ = dyadic_batch()
+    ae = ScaledAutoencoder()
+    z_H, z_L = ae.scaling_factor * ae.encode(x_hr), ae.scaling_factor * ae.encode(-x_hr)
+    net, t = TinyVelocityNet(), torch.tensor([1.0, 0.5, 0.25])
+    _, per_sample, _ = flow.RectifiedSRFlow(ae).loss(net, x_hr, z_H, z_L, t, None)
+    with torch.no_grad():
+        f = flow.endpoint(net, flow.interpolate(z_H, z_L, t), t, None)
+        expected = flow.mse_per_sample(ae.decode(f / 0.5), x_hr)
+    torch.testing.assert_close(per_sample, expected)
+
+
 def test_oracle_loss_is_zero_and_wrong_velocity_is_not():
     ae, x_hr, z_H, z_L = dyadic_batch()
     objective = flow.RectifiedSRFlow(ae, latent_weight=1.0)
