@@ -222,19 +222,24 @@ def test_model_range_helpers():
 # ----------------------------------------------------------------------------- HRFolderDataset
 
 def test_dataset_on_real_photos_shapes_ranges_and_determinism():
-    dataset = HRFolderDataset(TRAIN, crop_size=64, seed=3, length=10)
-    assert len(dataset) == 10 and len(dataset.paths) == 10
+    dataset = HRFolderDataset(TRAIN, crop_size=64, seed=3, length=20)
+    assert len(dataset) == 20 and len(dataset.paths) == 10
     item = dataset[0]
     assert item["hr"].shape == (3, 64, 64) and item["lr"].shape == (3, 16, 16)
     for value in item.values():
         assert value.dtype == torch.float32 and value.min() >= -1 and value.max() <= 1
-    again = HRFolderDataset(TRAIN, crop_size=64, seed=3, length=10)[0]
+    again = HRFolderDataset(TRAIN, crop_size=64, seed=3, length=20)[0]
     assert torch.equal(again["hr"], item["hr"]) and torch.equal(again["lr"], item["lr"])
-    assert not torch.equal(dataset[7]["hr"], item["hr"])  # same file (7 mod 7), another crop
+    assert not torch.equal(dataset[10]["hr"], item["hr"])  # same file (10 mod 10), another crop
+    # every draw of item i, the crop's and the degradation's, comes from one generator seeded by (seed, i)
+    generator = torch.Generator().manual_seed(data._item_seed(3, 10))
+    hr = data.random_crop_augment(load_image(dataset.paths[0])[0], 64, generator)
+    lr = data.DEGRADATIONS["realesrgan"](hr, 4, generator)
+    assert torch.equal(dataset[10]["hr"], to_model(hr)) and torch.equal(dataset[10]["lr"], to_model(lr))
     assert torch.equal(dataset[0]["lr"], item["lr"])  # read again, its photo now from the cache
     assert not torch.equal(HRFolderDataset(TRAIN, crop_size=64, seed=4)[0]["hr"], item["hr"])
     with pytest.raises(IndexError):
-        dataset[10]
+        dataset[20]
 
 
 def test_grayscale_photo_gives_gray_rgb_pairs():

@@ -144,6 +144,11 @@ def test_poisson_noise_changes_the_image_keeps_its_mean_and_gray_is_shared():
     assert abs(noisy.mean().item() - image.mean().item()) < 0.01
     gray = add_poisson_noise(torch.full((3, 32, 32), 0.5), 1.0, gray=True, generator=seeded(0)) - 0.5
     assert gray.abs().max() > 0 and torch.equal(gray[0], gray[2])
+    # 176 distinct levels make 256 photon levels: the noise std at value v is scale * sqrt(v / 256)
+    ramp = (torch.arange(40, 216).float() / 255).expand(3, 200, 176).contiguous()
+    for scale in (1.0, 2.0):
+        noise = add_poisson_noise(ramp, scale, gray=False, generator=seeded(1)) - ramp
+        assert noise.std().item() == pytest.approx(scale * (ramp.mean().item() / 256) ** 0.5, rel=0.05)
 
 
 def test_jpeg_changes_the_image_more_at_low_quality_and_gives_8_bit_levels():
