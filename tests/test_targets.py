@@ -5,12 +5,19 @@ import os
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import PHOTOS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import targets  # noqa: E402
+from data import load_image  # noqa: E402
+from degradations import degrade_bicubic  # noqa: E402
+from evaluate import psnr_y  # noqa: E402
+from flowsr import FlowSR, super_resolve  # noqa: E402
+from reproduce import to_8bit  # noqa: E402
 
 KINDS = ("bicubic", "jpeg75", "realesrgan")
 
@@ -40,9 +47,11 @@ def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
     photos.mkdir()
     for name in ("brick.png", "camera.png"):
         Image.open(os.path.join(PHOTOS, "train", name)).convert("RGB").resize((64, 48)).save(photos / name)
-    out = tmp_path / "targets"
+    out, checkpoint = tmp_path / "targets", tmp_path / "random.safetensors"
+    torch.manual_seed(0)
+    FlowSR.tiny(flat_gate=0.0).save(checkpoint)  # random weights, no gate: its output is not bicubic's
     targets.main(["--heldout", str(photos), "--out", str(out), "--work-dir", str(tmp_path / "cache"),
-                  "--threads", "1"])
+                  "--threads", "1", "--checkpoint", str(checkpoint)])
     report = json.loads((tmp_path / "targets.json").read_text())
     assert [v[:2] for v in report["verdicts"]] == (
         [["fidelity", f"{name}, {targets.KINDS[kind]}"] for name in ("brick", "camera") for kind in KINDS]
@@ -50,6 +59,18 @@ def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
         + [["flat", f"{name}, blurred (sigma 4)"] for name in ("brick", "camera")])
     assert set(report["results"]["model"]) == {f"{name}|{kind}" for name in ("brick", "camera") for kind in KINDS}
     assert "| brick | clean bicubic |" in (tmp_path / "targets.md").read_text()
+    # the numbers: bicubic's PSNR-Y recomputed here, the model's its own, the verdicts check()'s on them
+    hr = to_8bit(load_image(photos / "brick.png")[0][None])
+    bicubic = to_8bit(F.interpolate(degrade_bicubic(hr[0], 4)[None], scale_factor=4, mode="bicubic"))
+    assert report["results"]["bicubic"]["brick|bicubic"][0] == pytest.approx(psnr_y(bicubic, hr).item(), abs=1e-9)
+    model = to_8bit(super_resolve(FlowSR.load(checkpoint).eval(), degrade_bicubic(hr[0], 4)[None], 1, tile_size=0,
+                                  vae_tile_size=0))
+    assert report["results"]["model"]["brick|bicubic"][0] == pytest.approx(psnr_y(model, hr).item(), abs=1e-9)
+    assert report["results"]["model"]["brick|bicubic"][0] != report["results"]["bicubic"]["brick|bicubic"][0]
+    images = [(name, None, dict.fromkeys(KINDS)) for name in ("brick", "camera")]
+    results = {key: {tuple(k.rsplit("|", 1)): tuple(v) for k, v in r.items()} for key, r in report["results"].items()}
+    fidelity = [v for v in targets.check(results, images, {}) if v[0] == "fidelity"]
+    assert [list(v) for v in fidelity] == report["verdicts"][:6]
 
 
 @pytest.mark.parametrize("argv, message", [
