@@ -104,6 +104,26 @@ def test_sinc_kernel_matches_the_bessel_formula():
     assert (sinc_kernel(size, omega).double() - expected).abs().max() < 1e-7
 
 
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_anisotropic_kernels_match_real_esrgans_formulas(beta):
+    """q = x^T Sigma^-1 x with Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T, x = (column, row) from the centre;
+    generalized Gaussian exp(-q^beta / 2), plateau 1 / (q^beta + 1), written out pixel by pixel."""
+    size, sx, sy, theta = 11, 2.0, 0.7, 0.6
+    c, s = math.cos(theta), math.sin(theta)
+    rotation = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    variances = torch.diag(torch.tensor([sx ** 2, sy ** 2], dtype=torch.float64))
+    inverse = torch.linalg.inv(rotation @ variances @ rotation.T)
+    q = torch.zeros(size, size, dtype=torch.float64)
+    for row in range(size):
+        for col in range(size):
+            x = torch.tensor([col - size // 2, row - size // 2], dtype=torch.float64)
+            q[row, col] = x @ inverse @ x
+    for kernel, expected in ((gaussian_kernel(size, sx, sy, theta), torch.exp(-q / 2)),
+                             (generalized_gaussian_kernel(size, sx, sy, theta, beta), torch.exp(-q ** beta / 2)),
+                             (plateau_kernel(size, sx, sy, theta, beta), 1 / (q ** beta + 1))):
+        assert (kernel.double() - expected / expected.sum()).abs().max() < 1e-7
+
+
 def test_random_kernels_are_odd_sized_7_to_21_and_normalized():
     generator = seeded(0)
     sizes = set()
