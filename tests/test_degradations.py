@@ -244,6 +244,41 @@ def test_bicubic_matches_pillow():
     assert torch.equal(degrade_bicubic(image[None])[0], ours)
 
 
+def test_second_order_pipeline_runs_its_stages_in_order(monkeypatch):
+    """Recorded operations of degrade_realesrgan over many draws: blur, resize (relative to the HR size), noise,
+    JPEG; then blur (80 %), resize (relative to the LR size), noise; then resize to the LR size + sinc and JPEG,
+    in either order. (Each operation's own numbers are tested above.)"""
+    calls = []
+
+    def record(name):
+        def operation(img, *args):
+            if name == "resize":
+                calls.append(("resize", tuple(args[0])))
+                return F.interpolate(img[None], size=args[0], mode="nearest")[0]
+            calls.append((name, tuple(img.shape[1:])))
+            return img
+        return operation
+    for name, function in (("blur", "filter2d"), ("resize", "_resize"), ("noise", "_random_noise"),
+                           ("jpeg", "_random_jpeg")):
+        monkeypatch.setattr(degradations, function, record(name))
+    hr, generator, sequences = torch.rand(3, 64, 64), seeded(0), set()
+    for _ in range(200):
+        calls.clear()
+        assert degrade_realesrgan(hr, 4, generator).shape == (3, 16, 16)
+        names = [name for name, _ in calls]
+        assert names[:4] == ["blur", "resize", "noise", "jpeg"] and calls[0][1] == (64, 64)
+        assert 64 * 0.15 - 1 <= calls[1][1][0] <= 64 * 1.5  # stage 1 resizes relative to the HR size
+        stage2 = names[4:7] if names[4] == "blur" else names[4:6]  # [blur,] resize, noise
+        assert stage2 in (["blur", "resize", "noise"], ["resize", "noise"])
+        resize2 = calls[4 + len(stage2) - 2][1]
+        assert 16 * 0.3 - 1 <= resize2[0] <= 16 * 1.2  # stage 2 resizes relative to the LR size
+        final = names[4 + len(stage2):]
+        assert final in (["resize", "blur", "jpeg"], ["resize", "jpeg"], ["jpeg", "resize", "blur"], ["jpeg", "resize"])
+        assert ("resize", (16, 16)) in calls[4 + len(stage2):]
+        sequences.add((len(stage2), final[0]))
+    assert sequences == {(2, "resize"), (2, "jpeg"), (3, "resize"), (3, "jpeg")}  # every branch was taken
+
+
 def test_real_photo_is_degraded_beyond_bicubic():
     image = photo_crop("astronaut.png", (100, 100, 228, 228))  # (3, 128, 128)
     bicubic = degrade_bicubic(image)
