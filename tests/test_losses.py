@@ -113,6 +113,25 @@ def test_discriminator_shapes_and_spectral_norm():
     assert not parametrize.is_parametrized(d.conv0) and not parametrize.is_parametrized(d.conv9)
 
 
+def test_discriminator_forward_is_real_esrgans_u_net():
+    """Real-ESRGAN's forward written out on the module's own layers: encoder, bilinear x2 decoder with the skips
+    x2, x1, x0 added after each decoder convolution, two more convolutions, LeakyReLU 0.2 throughout."""
+    d = losses.UNetDiscriminatorSN(num_feat=8).eval()
+    x = torch.randn(2, 3, 32, 24)
+    act = lambda h: F.leaky_relu(h, 0.2)
+    up = lambda h: F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        x0 = act(d.conv0(x))
+        x1 = act(d.conv1(x0))
+        x2 = act(d.conv2(x1))
+        x3 = act(d.conv3(x2))
+        x4 = act(d.conv4(up(x3))) + x2
+        x5 = act(d.conv5(up(x4))) + x1
+        x6 = act(d.conv6(up(x5))) + x0
+        expected = d.conv9(act(d.conv8(act(d.conv7(x6)))))
+        torch.testing.assert_close(d(x), expected)
+
+
 def test_gan_losses_by_hand():
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-2.0, 0.0, 1.5])
