@@ -5,6 +5,7 @@ Interface tests use tiny checkpoints written here: an "identity" model (zero vel
 exactly up(x_LR) and the expected pixels are known) and one with random weights.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -506,6 +507,14 @@ class Pointwise(nn.Module):
 
     def forward(self, z, t, context):
         return torch.sin(3 * z)
+
+
+def test_tile_weights_are_a_gaussian_centred_on_the_tile_with_variance_a_hundredth():
+    w = flowsr.gaussian_weights(6, 8, "cpu")  # (6, 8)
+    assert torch.equal(w, w.flip(0)) and torch.equal(w, w.flip(1))  # centred
+    # pixels 2.5 and 0.5 px from the centre (rows of 6), 3.5 and 0.5 px (columns of 8): exp(-(d / n)^2 / 0.02)
+    ratio = math.exp(-((2.5 / 6) ** 2 - (0.5 / 6) ** 2) / 0.02 - ((3.5 / 8) ** 2 - (0.5 / 8) ** 2) / 0.02)
+    assert (w[0, 0] / w[2, 3]).item() == pytest.approx(ratio, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -185,6 +185,20 @@ def test_tiled_single_tile_is_exact(tiny):
         assert torch.equal(ours.decode(z, tile_size=16), ours.decode(z))
 
 
+def test_blend_ramps_span_the_overlap_in_output_pixels():
+    """Two tiles that each give a constant (1, then 2): across the overlap of 4 input pixels, which is 32 output
+    pixels at scale 8, the blend rises linearly from 1 to 2 (ramp weights (i + 1) / (overlap + 1))."""
+    assert torch.equal(vae._ramp(8, 3, torch.zeros(1)), torch.tensor([0.25, 0.5, 0.75, 1, 1, 0.75, 0.5, 0.25]))
+    calls = []
+
+    def constant_per_tile(t):
+        calls.append(t.shape)
+        return torch.full((1, 1, 8 * t.shape[-2], 8 * t.shape[-1]), float(len(calls)))
+    row = vae.blend_tiles(constant_per_tile, torch.zeros(1, 1, 4, 12), 8, 4, 8)[0, 0, 0]  # (96,)
+    assert len(calls) == 2 and torch.equal(row[:32], torch.ones(32)) and torch.equal(row[64:], torch.full((32,), 2.0))
+    torch.testing.assert_close(row[32:64], 1 + torch.arange(1, 33) / 33)
+
+
 def test_blend_tiles_is_exact_for_local_functions():
     # For a per-pixel function, the blend weights must cancel exactly at every position, whatever
     # the tiling: this checks tile placement and normalisation in both scale directions.
