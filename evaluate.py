@@ -353,8 +353,9 @@ def main(argv=None):
     if not config.sr:
         print("evaluate.py: error: --sr is required", file=sys.stderr)
         return 2
-    if device_problem(config.device):
-        print(f"evaluate.py: error: {device_problem(config.device)}", file=sys.stderr)
+    problem = device_problem(config.device)
+    if problem:
+        print(f"evaluate.py: error: {problem}", file=sys.stderr)
         return 2
     notes = []
     try:
