@@ -67,17 +67,9 @@ def test_multi_step_sample_is_euler_with_a_network_that_reads_z():
     torch.testing.assert_close(flow.sample(net, z_L, None, sigmas), z, atol=1e-6, rtol=0)
 
 
-class ScaledAutoencoder(PixelAutoencoder):
-    """The pixel autoencoder with SD's kind of latent scale, so that a missing or inverted 1/s shows."""
-
-    def __init__(self):
-        super().__init__()
-        self.scaling_factor = 0.5
-
-
 def test_losses_decode_the_endpoint_divided_by_the_latent_scale():
     ae, x_hr, _, _ = dyadic_batch()
-    ae = ScaledAutoencoder()
+    ae.scaling_factor = 0.5  # a latent scale as SD has one (the pixel autoencoder's is 1): a missing 1/s shows
     z_H, z_L = ae.scaling_factor * ae.encode(x_hr), ae.scaling_factor * ae.encode(-x_hr)
     net, t = TinyVelocityNet(), torch.tensor([1.0, 0.5, 0.25])
     _, per_sample, _ = flow.RectifiedSRFlow(ae).loss(net, x_hr, z_H, z_L, t, None)
