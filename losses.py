@@ -1,4 +1,4 @@
-"""Stage-2 loss terms besides consistency distillation (SPEC section 5).
+"""The image-space loss terms besides the flow and consistency losses (SPEC sections 2 and 5).
 
 - LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
   Metric", CVPR), VGG variant: d(x, y) = sum_l mean_hw w_l . (f_l(x) / |f_l(x)| - f_l(y) / |f_l(y)|)^2

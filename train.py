@@ -152,8 +152,6 @@ def build_model(cfg, device, init=None):
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
         model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
-        if init:
-            check_stage1_flags(init, cfg, model)
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
         lora.inject_lora(model.unet, UNET_LORA_TARGETS, cfg.lora_rank)
@@ -162,6 +160,8 @@ def build_model(cfg, device, init=None):
         lora.mark_only_lora_trainable(model)
         if init:
             lora.load_flowsr_lora(init, model.unet, model.ae)
+    if init:
+        check_stage1_flags(init, cfg, model)
     model.unet.gradient_checkpointing = cfg.grad_checkpointing == "on"
     if cfg.crop_size % model.pad_multiple:
         raise TrainingError(f"--crop-size {cfg.crop_size} must be a multiple of {model.pad_multiple} for this model")
@@ -197,7 +197,7 @@ def load_lpips(cfg, device, say):
 
 
 def latents(model, x_hr, x_lr):
-    """z_H = s E(x_HR) and z_L = s E(up(x_LR)), (b, C, h, w) each (SPEC 1)."""
+    """z_H = s E(x_HR) with the frozen encoder and z_L = s E(up(x_LR)) with the tuned one, (b, C, h, w) each (SPEC 1)."""
     z_L = model.encode(model.upsample_lr(x_lr))  # through the LoRA-tuned encoder
     with torch.no_grad(), lora.lora_disabled(model.ae):
         z_H = model.encode(x_hr)  # the frozen encoder defines the HR target
@@ -308,7 +308,7 @@ def stage2_step(cfg, s, batch, generator, ranks):
         d_loss.backward()
         synced_step(s.d_optimizer, ranks)
         report.stats["gan_d"] = d_loss.item()
-    update_ema(s.target, s.online, cfg.ema_decay)  # theta- <- mu theta- + (1 - mu) theta
+    update_ema(s.target, s.online, cfg.ema_decay)  # after the step, so that mu = 0 targets the updated student
     report.stats["grad_norm"] = grad_norm
     return report
 

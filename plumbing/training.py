@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from plumbing.flags import device_problem
+
 
 class TrainingError(Exception):
     """A training run that cannot go on; the message is one line."""
@@ -63,6 +65,8 @@ class Ranks:
         """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one; pick the device."""
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_problem(device):
+            raise TrainingError(device_problem(device))
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)

@@ -3,7 +3,8 @@
 One file per stage (OUT_DIR/stage{1,2}_state.pt, torch.save of tensors and plain values, read back with
 weights_only=True) holds the trainable weights, the optimizer, in stage 2 the EMA target and the
 discriminator, the step and the open log window; the data and time draws of step n are a pure function of
-(seed, stage, n, rank), so nothing else is needed. For the sd21 preset the weights are LoRA tensors only (the
+(seed, n, rank) (stage 2's step n sees stage 1's batch n, with other time draws), so nothing else is needed.
+A resumed optimizer keeps its moments and takes this run's learning rate and weight decay. For the sd21 preset the weights are LoRA tensors only (the
 student's; the target is a LoRA adapter): the base comes from --base and the teacher from the stage-1 file.
 It is written atomically (weights.write_atomic) and after the model file, so it is what commits a checkpoint.
 A state of another model (preset, sizes, LoRA ranks, upsampling) is refused, naming the differences. Every
@@ -16,10 +17,12 @@ import os
 
 import torch
 
+from plumbing.checkpoints import METADATA_KEY
 from plumbing.training import LogWindow, TrainingError
-from plumbing.weights import first_line, write_atomic
+from plumbing.weights import first_line, json_object, read_metadata, write_atomic
 
 OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the optimizer only while --gan-weight > 0
+REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
 
 
 def flat(value, prefix):
@@ -46,7 +49,11 @@ def save_state(path, state):
 def load_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [key for key in REQUIRED_PARTS if key not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
         json.loads(state["signature"])
+        json.loads(state["config"])
         return state
     except Exception as e:  # torch.load raises many types on a damaged file
         raise TrainingError(f"{path}: not a readable training state ({first_line(e)}); "
@@ -63,10 +70,23 @@ def check_resumable(path, saved, current):
 
 
 def check_stage1_flags(path, cfg, model):
-    """Stage 2 of the tiny preset goes on from the stage-1 model in `path`; flags that describe another model
-    (up-sampling, flat gate, pixel head) are refused rather than ignored."""
-    saved = {"upsample": model.upsample, "flat_gate": model.flat_gate, "pixel_head": model.config_dict()["pixel_head"]}
+    """Stage 2 goes on from the stage-1 model in `path`; flags that describe another model (its up-sampling, and
+    the tiny preset's flat gate and pixel head) are refused rather than ignored."""
+    if cfg.preset == "tiny":  # `model` was rebuilt from the file
+        saved = {"upsample": model.upsample, "flat_gate": model.flat_gate,
+                 "pixel_head": model.config_dict()["pixel_head"]}
+    else:  # `model` was built from the flags; a file of train.py records its up-sampling (a published one does not)
+        recorded = json_object(read_metadata(path).get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
+        saved = {"upsample": recorded["upsample"]} if "upsample" in recorded else {}
     check_resumable(path, saved, {name: getattr(cfg, name) for name in saved})
+
+
+def load_optimizer(optimizer, saved):
+    """The saved moments and step counts, with this run's hyperparameters: a changed --lr takes effect."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def trim_log(path, stage, step):
@@ -88,19 +108,21 @@ def load_into(stage, path, signature, cfg, say):
     window's state or None)."""
     state = load_state(path)
     check_resumable(path, json.loads(state["signature"]), signature)
-    if set(state["model"]) != {n for n, p in stage.model.named_parameters() if p.requires_grad}:
-        raise TrainingError(f"{path}: its trainable weights do not match this run's model")
     old = json.loads(state["config"])
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in old and old[k] != v and k != "resume"]
+    if set(state["model"]) != {n for n, p in stage.model.named_parameters() if p.requires_grad}:
+        raise TrainingError(f"{path}: its trainable weights do not match this run's model"
+                            + (f" (changed settings: {', '.join(changed)})" if changed else ""))
     if changed:
         say("note: resuming with changed settings: " + ", ".join(changed))
-    stage.model.load_state_dict(state["model"], strict=False)  # the frozen rest is rebuilt identically
-    stage.optimizer.load_state_dict(state["optimizer"])
-    for name in OPTIONAL_PARTS:
+    loaders = {"model": lambda s: stage.model.load_state_dict(s, strict=False),  # the frozen rest is rebuilt as it was
+               "optimizer": lambda s: load_optimizer(stage.optimizer, s),
+               "d_optimizer": lambda s: load_optimizer(stage.d_optimizer, s)}
+    for name in ("model", "optimizer", *OPTIONAL_PARTS):
         if name in state and getattr(stage, name) is not None:  # either side may be without a d_optimizer
             try:
-                getattr(stage, name).load_state_dict(state[name])
+                loaders.get(name, getattr(stage, name).load_state_dict)(state[name])
             except (ValueError, RuntimeError, KeyError) as e:  # what modules, optimizers and views raise
                 raise TrainingError(f"{path}: its {name} does not fit this run ({first_line(e)})") from None
     say(f"resumed stage {stage.number} at step {state['step']} from {path}")

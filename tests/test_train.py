@@ -103,6 +103,12 @@ def test_values_out_of_range_stop_before_training(argv, message):
     assert stop.value.code == 2 and stderr.getvalue().splitlines()[-1].endswith(f": error: {message}")
 
 
+@pytest.mark.parametrize("device, message", [("foo", "not a device"), ("mps", "not available on this machine")])
+def test_a_device_that_cannot_run_is_one_line(photos, tmp_path, device, message):
+    result, _ = run(args(photos, tmp_path, "--device", device))
+    one_line_error(result, f"--device {device}: {message}")
+
+
 def test_validation_crops_are_exact_and_degraded_like_the_run(tmp_path):
     from plumbing.validation import validation_batch
     photo = load_image(os.path.join(ROOT, "photos", "train", "brick.png"))[0]  # (3, 512, 512)
@@ -215,15 +221,28 @@ def test_data_folder_errors_and_corrupt_files(photos, tmp_path):
     assert f"no validation grids: no readable photos in {broken}" in stdout
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path, monkeypatch):
     model, _ = run(args(photos, tmp_path, "--stage", "1", "--max-steps", "1"))
     assert isinstance(model, FlowSR)
     result, _ = run(args(photos, tmp_path, "--stage", "1", "--resume", "--upsample", "bilinear"))
     one_line_error(result, str(tmp_path / "stage1_state.pt"), "does not fit this run",
                    "model.upsample 'bicubic' in the checkpoint, 'bilinear' here")
+    saved = torch.load(tmp_path / "stage1_state.pt", weights_only=True)
+    learning_rates = []
+
+    def recording_step(optimizer, *rest, **kwargs):
+        learning_rates.extend(group["lr"] for group in optimizer.param_groups)
+        return training.synced_step(optimizer, *rest, **kwargs)
+    monkeypatch.setattr(train, "synced_step", recording_step)
     result, stdout = run(args(photos, tmp_path, "--stage", "1", "--resume", "--max-steps", "2", "--lr", "1e-4"))
     assert isinstance(result, FlowSR) and "resumed stage 1 at step 1" in stdout
     assert "note: resuming with changed settings: max_steps 1 -> 2, lr 0.0002 -> 0.0001" in stdout
+    assert learning_rates == [1e-4]  # the changed rate is the one used, not the one saved with the moments
+    monkeypatch.undo()
+    del saved["optimizer"]
+    torch.save(saved, tmp_path / "stage1_state.pt")
+    result, _ = run(args(photos, tmp_path, "--stage", "1", "--resume"))
+    one_line_error(result, str(tmp_path / "stage1_state.pt"), "not a readable training state (no optimizer)")
     (tmp_path / "stage1_state.pt").write_bytes(b"PK\x03\x04 damaged")
     result, _ = run(args(photos, tmp_path, "--stage", "1", "--resume"))
     one_line_error(result, str(tmp_path / "stage1_state.pt"), "not a readable training state")
@@ -302,6 +321,10 @@ def test_sd21_preset_end_to_end(sd_base, photos, tmp_path):
 
     result, _ = run(sd_args + ["--resume", "--lora-rank", "3"])
     one_line_error(result, "stage1_state.pt does not fit this run", "lora_rank 2 in the checkpoint, 3 here")
+    result, _ = run(sd_args + ["--stage", "2", "--out-dir", str(tmp_path / "sd2"), "--upsample", "bilinear",
+                               "--init", str(tmp_path / "sd" / "stage1.safetensors")])
+    one_line_error(result, "stage1.safetensors does not fit this run", "upsample 'bicubic' in the checkpoint, "
+                   "'bilinear' here")
     tiny, _ = run(args(photos, tmp_path / "tiny", "--stage", "1", "--max-steps", "1"))
     assert isinstance(tiny, FlowSR)
     result, _ = run(args(photos, tmp_path / "tiny", "--stage", "1", "--resume", "--preset", "sd21",
