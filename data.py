@@ -25,7 +25,7 @@ from plumbing.weights import first_line, write_atomic
 
 DEGRADATIONS = {"realesrgan": degrade_realesrgan, "mixed": degrade_mixed,
                 "bicubic": lambda hr, scale, generator: degrade_bicubic(hr, scale)}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so this check is the one that speaks
 MIN_SIZE = 8
 SR_SUFFIX, COMPARE_SUFFIX = "_x4", "_x4_compare"  # sample.py writes NAME_x4.png (and NAME_x4_compare.png)
@@ -62,15 +62,18 @@ def _open_checked(path, max_pixels, min_size):
         raise ImageError(f"{path}: not a readable image ({first_line(e)})") from None
 
 
-def _to_tensors(image):
+def _to_tensors(image, path):
     """Any Pillow mode -> RGB (3, H, W) in [0, 1], plus alpha (1, H, W) when the image has transparency."""
-    if image.mode.startswith("I"):
-        # Pillow holds 16-bit grayscale in "I;16*" and in 32-bit "I" (from 16-bit PNG/TIFF): full scale 65535
-        gray = pil_to_tensor(image.convert("I")).float() / 65535  # (1, H, W)
-        return gray.clamp(0, 1).expand(3, -1, -1).contiguous(), None
-    if image.mode == "F":
-        gray = pil_to_tensor(image).float()  # (1, H, W), float data is taken as already in [0, 1]
-        return gray.clamp(0, 1).expand(3, -1, -1).contiguous(), None
+    if image.mode.startswith(("I", "F")):
+        # Pillow holds 16-bit grayscale in "I;16*" and in 32-bit "I" (from 16-bit PNG/TIFF): full scale 65535;
+        # float data ("F") is taken as [0, 1], give or take rounding. Values far outside the scale are refused,
+        # not clipped into a black or white image.
+        full_scale, slack = (1, 0.01) if image.mode == "F" else (65535, 0)
+        gray = pil_to_tensor(image.convert("F" if image.mode == "F" else "I")).double() / full_scale  # (1, H, W)
+        if not (gray.isfinite().all() and -slack <= gray.min() and gray.max() <= 1 + slack):
+            raise ImageError(f"{path}: {image.mode} pixels from {gray.min().item() * full_scale:g} to "
+                             f"{gray.max().item() * full_scale:g}, outside the range 0 .. {full_scale} of this mode")
+        return gray.clamp(0, 1).float().expand(3, -1, -1).contiguous(), None
     alpha = None
     if image.has_transparency_data:  # RGBA, LA, PA, or a palette / RGB with a transparent colour
         image = image.convert("RGBA")
@@ -82,8 +85,11 @@ def load_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):
     """Read an image file as (rgb (3, H, W) in [0, 1], alpha (1, H, W) or None), EXIF orientation applied."""
     path = os.fspath(path)
     with _open_checked(path, max_pixels, min_size) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            raise ImageError(f"{path}: {image.n_frames} frames (an animation or a multi-page file); "
+                             "give a single image")
         image.load()  # decode everything now, so a truncated file fails here and not later
-        return _to_tensors(ImageOps.exif_transpose(image))
+        return _to_tensors(ImageOps.exif_transpose(image), path)
 
 
 def probe_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import data
 from plumbing.flags import describe, device_problem, flag, parse
 from plumbing.dists import try_load_dists
-from plumbing.weights import WeightsError, read_state_dict
+from plumbing.weights import WeightsError, read_state_dict, write_atomic
 
 METRICS = ("psnr_y", "ssim_y", "lpips", "dists", "niqe")
 NIQE_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "niqe_pristine.safetensors")
@@ -353,7 +353,8 @@ def main(argv=None):
     if not config.sr:
         print("evaluate.py: error: --sr is required", file=sys.stderr)
         return 2
-    problem = device_problem(config.device)
+    problem = device_problem(config.device) or (
+        f"--json {config.json} is a folder; give a file name" if config.json and os.path.isdir(config.json) else None)
     if problem:
         print(f"evaluate.py: error: {problem}", file=sys.stderr)
         return 2
@@ -377,9 +378,11 @@ def main(argv=None):
         for line in result[key]:
             print(f"{label}: {line}")
     if config.json:
-        os.makedirs(os.path.dirname(os.path.abspath(config.json)), exist_ok=True)
-        with open(config.json, "w") as f:
-            json.dump(result, f, indent=2)
+        try:
+            write_atomic(config.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        except OSError as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            return 1
     if config.gt and not result["images"]:
         print("evaluate.py: error: no image pair could be scored", file=sys.stderr)
         return 1

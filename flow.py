@@ -54,8 +54,8 @@ def sample(net, z_L, context, sigmas):
     sigmas = [1, 0] is one-step SR, z_L - v(z_L, 1); the distilled stage-2 model samples so.
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32).tolist()
-    if len(sigmas) < 2 or sigmas[0] != 1 or sigmas[-1] != 0:
-        raise ValueError(f"sample: sigmas must run from 1 down to 0, got {sigmas}")
+    if len(sigmas) < 2 or sigmas[0] != 1 or sigmas[-1] != 0 or any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sample: sigmas must fall from 1 to 0, got {sigmas}")
     z = z_L
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         t = torch.full((z.shape[0],), sigma, device=z.device)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import flowsr
@@ -115,24 +116,34 @@ def expand_inputs(patterns):
     return paths, errors
 
 
+def names_a_file(output):
+    """-o photo.png (or any image extension Pillow knows, writable or not) names a file; anything else a folder."""
+    extension = os.path.splitext(output)[1].lower()
+    return extension in IMAGE_EXTENSIONS or extension in Image.registered_extensions()
+
+
 def plan_outputs(paths, cfg):
-    """([(input, output)], errors): one output per input, none of them an input or another input's output."""
-    to_file = os.path.splitext(cfg.output)[1].lower() in IMAGE_EXTENSIONS
+    """([(input, output)], errors): one output per input (an input given twice is done once), no output file
+    (nor its --compare image) an input or another input's output."""
     inputs = {os.path.realpath(p) for p, _ in paths}
-    jobs, errors, taken = [], [], {}
+    jobs, errors, taken, done = [], [], {}, set()
     for path, relative in paths:
+        if os.path.realpath(path) in done:
+            continue
+        done.add(os.path.realpath(path))
         name = os.path.splitext(relative)[0] + SR_SUFFIX + ".png"
         if not cfg.output:
             out = os.path.join(os.path.dirname(path), os.path.basename(name))
         else:
-            out = cfg.output if to_file else os.path.join(cfg.output, name)
-        real = os.path.realpath(out)
-        if real in inputs:
-            errors.append(f"{path}: its output {out} is an input; it is never overwritten")
-        elif real in taken:
-            errors.append(f"{path}: its output {out} is also the output of {taken[real]}")
+            out = cfg.output if names_a_file(cfg.output) else os.path.join(cfg.output, name)
+        written = [os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])]
+        clash = next((p for p in written if p in inputs), None) or next((p for p in written if p in taken), None)
+        if clash in inputs:
+            errors.append(f"{path}: its output {clash} is an input; it is never overwritten")
+        elif clash:
+            errors.append(f"{path}: its output {clash} is also an output of {taken[clash]}")
         else:
-            taken[real] = path
+            taken.update((p, path) for p in written)
             jobs.append((path, out))
     return jobs, errors
 
@@ -150,6 +161,9 @@ def load_input(path, out, cfg):
     for target in [out] + ([compare_path(out)] if cfg.compare else []):
         if os.path.exists(target) and not cfg.overwrite:
             raise ImageError(f"{path}: {target} exists (use --overwrite to replace it)")
+        folder = os.path.dirname(os.path.abspath(target))
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise ImageError(f"{path}: cannot write into {folder} (permission denied)")
     return Input(path, out, *load_image(path, max_pixels=cfg.max_pixels))
 
 
@@ -208,6 +222,8 @@ def check_flags(cfg, n_inputs):
     extension = os.path.splitext(cfg.output)[1].lower()
     if cfg.steps < 1:
         return "--steps must be at least 1"
+    if not 0 < cfg.shift < float("inf"):
+        return "--shift must be a positive number"
     if cfg.tile_size < -1 or cfg.vae_tile_size < 0:
         return "tile sizes must be >= 0 (--tile-size -1: the model's own)"
     if cfg.tile_overlap < 0:
@@ -218,10 +234,12 @@ def check_flags(cfg, n_inputs):
         return "--batch-size must be at least 1"
     if cfg.batch_size > 1 and cfg.posterior == "sample":
         return "--batch-size > 1 needs --posterior mean (with sample, each image draws its own noise from --seed)"
-    if extension in IMAGE_EXTENSIONS and extension not in SAVE_FORMATS:
+    if names_a_file(cfg.output) and extension not in SAVE_FORMATS:
         return f"-o {cfg.output}: cannot write {extension} (use one of {', '.join(SAVE_FORMATS)})"
-    if extension in IMAGE_EXTENSIONS and n_inputs > 1:
+    if names_a_file(cfg.output) and n_inputs > 1:
         return f"-o {cfg.output} names one file, but there are {n_inputs} inputs: give a folder"
+    if cfg.output and not names_a_file(cfg.output) and os.path.isfile(cfg.output):
+        return f"-o {cfg.output} is an existing file that is not an image; give a folder or an image name"
     return device_problem(cfg.device) if cfg.device != "auto" else None
 
 

@@ -68,6 +68,8 @@ def flow_match_sigmas(steps, shift=3.0, num_train_timesteps=1000):
     """
     if steps < 1:
         raise ValueError(f"flow_match_sigmas: need at least one step, got steps={steps}")
+    if not 0 < shift < float("inf"):
+        raise ValueError(f"flow_match_sigmas: the shift must be a positive number, got {shift}")
     sigma_min = shift_sigma(1.0 / num_train_timesteps, shift)
     sigmas = shift_sigma(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()

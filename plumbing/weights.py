@@ -196,9 +196,11 @@ def write_atomic(path, write):
         with open(tmp, "wb") as f:  # not mkstemp, whose files are private (0600) whatever the umask
             write(f)
         fsync_and_rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file asked for, not the temporary one
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
         raise
 
 

@@ -2,6 +2,7 @@ import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,30 @@ def test_float_image_is_taken_as_unit_range(tmp_path):
     Image.new("F", (10, 12), 0.25).save(path)
     image, _ = load_image(path)
     assert image.shape == (3, 12, 10) and torch.allclose(image, torch.full_like(image, 0.25))
+
+
+@pytest.mark.parametrize("mode, value, message", [
+    ("F", 200.0, "F pixels from 200 to 200, outside the range 0 .. 1 of this mode"),  # a 0..255 float TIFF
+    ("F", float("nan"), "F pixels from nan"),
+    ("I", 70000, "I pixels from 70000 to 70000, outside the range 0 .. 65535 of this mode"),
+    ("I", -5, "I pixels from -5"),
+])
+def test_pixels_outside_the_modes_scale_are_refused_not_clipped(tmp_path, mode, value, message):
+    path = tmp_path / "out_of_range.tiff"
+    Image.new(mode, (10, 12), value).save(path)
+    with pytest.raises(ImageError) as error:
+        load_image(path)
+    assert str(error.value).startswith(f"{path}: {message}")
+
+
+def test_a_still_gif_loads_and_an_animation_is_refused(tmp_path):
+    frames = [Image.fromarray(np.full((12, 10, 3), value, np.uint8)) for value in (40, 200)]
+    frames[0].save(tmp_path / "still.gif")
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    image, _ = load_image(tmp_path / "still.gif")
+    assert image.shape == (3, 12, 10) and torch.allclose(image, torch.full_like(image, 40 / 255))
+    with pytest.raises(ImageError, match="moving.gif: 2 frames"):
+        load_image(tmp_path / "moving.gif")
 
 
 def test_palette_with_and_without_transparency(tmp_path):
@@ -210,6 +235,14 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_image(torch.ones(3, 8, 8), path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.png"]
+
+
+def test_a_write_that_cannot_start_names_the_file_asked_for(tmp_path):
+    path = tmp_path / ("x" * 248 + ".png")  # a legal name whose temporary twin (".tmp-PID-" + name) is too long
+    with pytest.raises(OSError) as error:
+        save_image(torch.zeros(3, 8, 8), path)
+    assert str(error.value).endswith(f"cannot write {path}: File name too long") and ".tmp-" not in str(error.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_model_range_helpers():

@@ -144,6 +144,18 @@ def test_cli_rejects_unknown_flags_and_requires_folders(tmp_path, capsys):
     assert main(["--sr", str(tmp_path), "--device", "gpu"]) == 2  # a typo: one line, not a traceback
     assert capsys.readouterr().err.splitlines() == ["evaluate.py: error: --device gpu: not a device (cpu, cuda, "
                                                     "cuda:N or mps)"]
+    assert main(["--sr", str(tmp_path), "--json", str(tmp_path)]) == 2  # checked before any scoring
+    assert capsys.readouterr().err.splitlines() == [f"evaluate.py: error: --json {tmp_path} is a folder; give a "
+                                                    "file name"]
+
+
+def test_cli_json_that_cannot_be_written_is_one_line(folders, tmp_path, capsys):
+    sr, gt, _, _ = folders
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the JSON's folder should be")
+    assert main(["--sr", str(sr), "--gt", str(gt), "--json", str(blocker / "scores.json")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and str(blocker) in err[0]
 
 
 def test_folders_subfolders_unreadable_files_and_duplicate_stems(tmp_path):

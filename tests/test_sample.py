@@ -275,13 +275,43 @@ def test_overwrite_and_inputs_are_never_overwritten(models, tmp_path, capsys):
     write(tmp_path / "twin" / "b.png", photo(12, 12))
     write(tmp_path / "twin" / "b.jpg", photo(12, 12))
     code, _, err = run(capsys, tmp_path / "twin", *argv)
-    assert code == 1 and len(err) == 1 and re.search(r"b\.png: its output .*b_x4\.png is also the output of .*b\.jpg",
+    assert code == 1 and len(err) == 1 and re.search(r"b\.png: its output .*b_x4\.png is also an output of .*b\.jpg",
                                                      err[0])
+
+    # --compare writes NAME_x4_compare.png too: never over an input either, even with --overwrite
+    c, c_compare = write(tmp_path / "c.png", photo(12, 12)), write(tmp_path / "c_x4_compare.png", photo(8, 8))
+    compare_before = (tmp_path / "c_x4_compare.png").read_bytes()
+    code, _, err = run(capsys, c, c_compare, *argv, "--compare", "--overwrite")
+    assert code == 1 and err == [f"error: {c}: its output {c_compare} is an input; it is never overwritten"]
+    assert (tmp_path / "c_x4_compare.png").read_bytes() == compare_before
+    assert os.path.exists(tmp_path / "c_x4_compare_x4.png") and not os.path.exists(tmp_path / "c_x4.png")
+
+
+def test_output_that_is_an_existing_other_file_is_refused_before_the_model_runs(models, tmp_path, capsys):
+    a, notes = write(tmp_path / "a.png", photo(12, 12)), tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run(capsys, a, "-o", notes, "--checkpoint", models.identity, "-q")
+    assert code == 2 and err == [f"error: -o {notes} is an existing file that is not an image; give a folder or an "
+                                 "image name"]
+    assert notes.read_text() == "mine"
+
+
+def test_an_input_given_twice_is_done_once_and_dashes_end_the_flags(models, tmp_path, capsys):
+    a = write(tmp_path / "a.png", photo(12, 12))
+    code, out, err = run(capsys, a, a, "--checkpoint", models.identity)
+    assert code == 0 and not err and out.count("wrote ") == 1
+    dashed = write(tmp_path / "-b.png", photo(12, 12))
+    code, out, err = run(capsys, "--checkpoint", models.identity, "-o", tmp_path / "out", "--dtype", "fp32", "--",
+                         dashed)
+    assert code == 0 and not err and os.path.exists(tmp_path / "out" / "-b_x4.png")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["{b}", "-o", "{tmp}/x.png"], "names one file, but there are 2 inputs"),
     (["-o", "{tmp}/x.bmp"], "cannot write .bmp"),
+    (["-o", "{tmp}/x.gif"], "cannot write .gif"),  # not a folder named x.gif
+    (["--steps", "4", "--shift", "-0.5"], "--shift must be a positive number"),
+    (["--shift", "nan"], "--shift must be a positive number"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap 32 must be under the latent tile size 32"),
     (["--tile-overlap", "256"], "--tile-overlap 256 must be under the latent tile size 256"),  # the model's own

@@ -26,6 +26,12 @@ def test_flow_match_sigmas_match_diffusers(steps):
     torch.testing.assert_close(1000 * sigmas[:-1], reference.timesteps, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [0.0, -0.5, float("nan"), float("inf")])
+def test_flow_match_sigmas_refuse_a_shift_that_is_not_positive(shift):
+    with pytest.raises(ValueError, match="the shift must be a positive number"):
+        schedulers.flow_match_sigmas(4, shift)
+
+
 def test_flow_match_sigmas_spec_values():
     timesteps = 1000 * schedulers.flow_match_sigmas(4)[:-1]
     torch.testing.assert_close(timesteps, torch.tensor([1000.0, 857.69, 602.15, 8.93]), atol=0.01, rtol=0)

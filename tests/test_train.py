@@ -83,7 +83,7 @@ def test_command_line_help_and_errors(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 1
     assert failed.stderr.splitlines() == [f"error: {tmp_path / 'empty'}: no image files "
-                                          "(.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff)"]
+                                          "(.png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff, .gif)"]
     with pytest.raises(SystemExit) as unknown, contextlib.redirect_stderr(io.StringIO()) as stderr:
         train.main(["--no-such-flag", "3"])
     assert unknown.value.code == 2 and "unrecognized arguments: --no-such-flag" in stderr.getvalue()
