@@ -19,6 +19,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from evaluate import niqe, psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
+from report import run_main  # noqa: E402
 from reproduce import heldout_set  # noqa: E402
 
 
@@ -58,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,6 +21,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from evaluate import rgb_to_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
+from report import run_main  # noqa: E402
 from reproduce import KINDS, heldout_set  # noqa: E402
 
 
@@ -31,7 +32,7 @@ class GridProbeConfig:
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR test photos")
     crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
     eval_seed: int = flag(0, "seed of reproduce.py's Real-ESRGAN inputs")
-    period: int = flag(4, "the period looked for, in pixels (the pixel autoencoder's block)")
+    period: int = flag(4, "the period looked for, in pixels (the pixel autoencoder's block)", low=1)
 
 
 def block_harmonic_ratio(residual, period=4, reach=2):
@@ -79,4 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

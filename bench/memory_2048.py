@@ -6,8 +6,7 @@
 Each run is `sample.main` in its own subprocess, which reports its own RSS high-water mark
 (resource.getrusage(RUSAGE_SELF).ru_maxrss) when it ends: torch allocates outside Python's heap, so
 tracemalloc would not see it. A 16 x 16 input through the same model gives the baseline (interpreter, torch,
-the model), so the difference is what the 2048 x 2048 image costs. Without the bundled model (not trained
-yet) a tiny model with random weights stands in: memory does not depend on the weights' values.
+the model), so the difference is what the 2048 x 2048 image costs.
 """
 import os
 import subprocess
@@ -57,10 +56,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         checkpoint = cfg.checkpoint
         if not os.path.isfile(checkpoint):
-            from flowsr import FlowSR
-            checkpoint = os.path.join(work, "random-tiny.safetensors")
-            FlowSR.tiny().save(checkpoint)
-            print(f"{cfg.checkpoint} not found: a tiny model with random weights stands in")
+            sys.exit(f"error: --checkpoint {checkpoint}: no such file")
         big, small = os.path.join(work, "in512.png"), os.path.join(work, "in16.png")
         Image.open(PHOTO).convert("RGB").save(big)
         Image.open(PHOTO).convert("RGB").resize((16, 16)).save(small)

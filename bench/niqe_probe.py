@@ -23,6 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from data import gaussian_blur  # noqa: E402
 from evaluate import niqe, psnr_y  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
+from report import run_main  # noqa: E402
 from reproduce import heldout_set, to_8bit  # noqa: E402
 
 
@@ -72,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

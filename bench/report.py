@@ -1,10 +1,13 @@
-"""What every benchmark writes beside its numbers: the machine it ran on, and the JSON + markdown result pair."""
+"""What the benchmarks share: the machine they ran on, the JSON + markdown result pair, one-line errors."""
 import datetime
 import json
 import os
 import platform
+import sys
 
 import torch
+
+from plumbing.weights import WeightsError, first_line, write_atomic
 
 CPU_FLAGS = (("amx", torch.cpu._is_amx_tile_supported), ("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
              ("avx512", torch.cpu._is_avx512_supported), ("avx2", torch.cpu._is_avx2_supported))
@@ -25,8 +28,14 @@ def machine():
 
 
 def write_results(stem, report, markdown):
-    """STEM.json (the report) and STEM.md (its markdown text)."""
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown)
+    """STEM.json (the report) and STEM.md (its markdown text), each written atomically."""
+    write_atomic(stem + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+    write_atomic(stem + ".md", lambda f: f.write(markdown.encode()))
+
+
+def run_main(main):
+    """A benchmark's main(): a missing or bad checkpoint, photo or value exits with one line, not a traceback."""
+    try:
+        return main()
+    except (WeightsError, ValueError, OSError) as e:
+        sys.exit(f"error: {first_line(e, limit=None)}")

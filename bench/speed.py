@@ -30,6 +30,7 @@ loaded and their runs alternate, so a change of background load hits both alike.
 after one small warm-up run. Results: bench/results/speed_DEVICE.{json,md}, written after every row.
 """
 import datetime
+import glob
 import json
 import os
 import resource
@@ -470,13 +471,18 @@ def main(argv=None):
     if cfg.default_row and default_dtype != "fp32" and "1step" in cfg.cases:
         plan.append(("1step", {"ours": default_dtype, "reference": "fp32"}))
     prepare(cfg.work_dir)
+    for stale in glob.glob(os.path.join(cfg.work_dir, "out-*.pt")):  # outputs of earlier runs compare nothing
+        os.remove(stale)
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.join(cfg.out_dir, f"speed_{cfg.device}")
     report = {"device": cfg.device, "default_dtype": default_dtype, "note": cfg.note, "machine": machine(),
               "rows": {}}
     if os.path.exists(stem + ".json") and not cfg.fresh:  # rows run earlier stay, unless run again
-        with open(stem + ".json") as f:
-            report["rows"] = json.load(f)["rows"]
+        try:
+            with open(stem + ".json") as f:
+                report["rows"] = json.load(f)["rows"]
+        except (ValueError, KeyError) as e:
+            sys.exit(f"error: {stem}.json: not a results file of this script ({e}); move it away or use --fresh")
 
     def save():  # after every row, so an interrupted run keeps what it measured
         write_results(stem, report, markdown(report))

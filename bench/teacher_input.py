@@ -19,7 +19,8 @@ regularization, GAN; LPIPS and CLIP-IQA have no weights here), with learning rat
 Score: PSNR (RGB, 0..1) of D(z_L - v(z_L, 1)) against x_HR on fixed center and corner crops of
 photos/heldout, degraded with the Real-ESRGAN pipeline at fixed seeds, and the mean stage-2 loss terms of the
 last 50 steps; and how far the student's encoder moved z_L from the stage-1 encoder's (relative l2).
-Results: bench/results/teacher_input.{json,md}.
+Results: bench/results/teacher_input.{json,md}. Runs in --work-dir are reused (an interrupted one goes on with
+--resume) only if they were made with the same settings; other settings need another --work-dir.
 """
 import contextlib
 import io
@@ -38,6 +39,7 @@ from data import HRFolderDataset, list_images, load_image, to_model  # noqa: E40
 from degradations import degrade_realesrgan  # noqa: E402
 from flowsr import FLOWSR_PROMPT_IDS, FlowSR  # noqa: E402
 from plumbing.flags import flag, parse  # noqa: E402
+from report import machine, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -138,8 +140,24 @@ def last_losses(log_path, stage, n=50):
     return {k: statistics.mean(r[k] for r in records) for k in ("loss", "consistency", "hr_mse")}
 
 
+def check_work_dir(cfg):
+    """Refuse a --work-dir whose runs were made with other settings (they would be reused as they are)."""
+    settings = {k: v for k, v in vars(cfg).items() if k != "out_dir"}
+    path = os.path.join(cfg.work_dir, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != settings:
+            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
+            sys.exit(f"error: {cfg.work_dir} holds runs made with other settings ({changed}); give another --work-dir")
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f)
+
+
 def main(argv=None):
     cfg = parse(Config, argv)
+    check_work_dir(cfg)
     torch.set_num_threads(1)
     folder = tiny_sd_folder(os.path.join(cfg.work_dir, "sd"), cfg)
     common = ["--preset", "sd21", "--base", folder, "--data", os.path.join(ROOT, "photos", "train"),
@@ -147,9 +165,8 @@ def main(argv=None):
               "--num-workers", "0", "--log-every", "1", "--val-every", "100000", "--ckpt-every", "100000"]
     stage1_dir = os.path.join(cfg.work_dir, "stage1")
     stage1 = os.path.join(stage1_dir, "stage1.safetensors")
-    if not os.path.isfile(stage1):
-        run_train(common + ["--stage", "1", "--out-dir", stage1_dir, "--max-steps", str(cfg.stage1_steps),
-                            "--lr", str(cfg.lr)])
+    run_train(common + ["--stage", "1", "--out-dir", stage1_dir, "--max-steps", str(cfg.stage1_steps),
+                        "--lr", str(cfg.lr), "--resume"])  # returns at once when an earlier call finished it
     x_hr, x_lr = heldout_crops(cfg.crop_size)
     start = FlowSR.load(stage1, base=folder)
     up = start.upsample_lr(x_lr)
@@ -162,10 +179,9 @@ def main(argv=None):
     for option in OPTIONS:
         for seed in cfg.seeds:
             out = os.path.join(cfg.work_dir, f"{option}-{seed}")
-            if not os.path.isfile(os.path.join(out, "stage2_state.pt")):  # else: trained by an earlier call
-                run_train(common + ["--stage", "2", "--out-dir", out, "--init", stage1, "--seed", str(seed),
-                                    "--max-steps", str(cfg.stage2_steps), "--stage2-lr", str(cfg.stage2_lr),
-                                    "--stage2-encoder", option])
+            run_train(common + ["--stage", "2", "--out-dir", out, "--init", stage1, "--seed", str(seed),
+                                "--max-steps", str(cfg.stage2_steps), "--stage2-lr", str(cfg.stage2_lr),
+                                "--stage2-encoder", option, "--resume"])
             model = FlowSR.load(os.path.join(out, "stage2.safetensors"), base=folder)
             with torch.no_grad():
                 z_L = model.encode(up)
@@ -174,13 +190,9 @@ def main(argv=None):
                 "z_L_drift": ((z_L - z_L_stage1).norm() / z_L_stage1.norm()).item(),
                 **last_losses(os.path.join(out, "log.jsonl"), 2)}
             print(f"{option} seed {seed}: {results['runs'][f'{option}/{seed}']}", file=sys.stderr, flush=True)
-    results["config"] = vars(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "teacher_input.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    results.update(config=vars(cfg), machine=machine())
     table = markdown(results, cfg)
-    with open(os.path.join(cfg.out_dir, "teacher_input.md"), "w") as f:
-        f.write(table)
+    write_results(os.path.join(cfg.out_dir, "teacher_input"), results, table)
     print(table)
 
 

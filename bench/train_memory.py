@@ -35,7 +35,7 @@ import train  # noqa: E402
 import unet  # noqa: E402
 from plumbing.flags import flag, parse  # noqa: E402
 from report import machine, write_results  # noqa: E402
-from speed import prepare  # noqa: E402
+from speed import current_rss_mib, prepare, synchronize  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -173,16 +173,6 @@ def worker(cfg):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def current_rss_mib():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 # ---- the whole benchmark ---------------------------------------------------------------------------------
 
 def run_worker(cfg, stage, crop):
@@ -231,7 +221,7 @@ def markdown(report):
              f"{m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
              f"{report['date']}. {cfg['note']}", "",
              "| stage | crop, batch | peak RSS (MiB) | RSS when built (MiB; weights mapped, not yet read) |"
-             + (" peak CUDA in steps (MiB) |" if cuda else "")
+             + (" peak CUDA in steps and the last step's validation grid (MiB) |" if cuda else "")
              + " s per step | state file (MB) | trainable (M) | saved activations, G pass (MiB) |",
              "|---|---|---|---|" + ("---|" if cuda else "") + "---|---|---|---|"]
     for r in rows:

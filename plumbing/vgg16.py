@@ -5,7 +5,7 @@ LPIPS (losses.py) and DISTS (dists.py) both stand on it and both load it from to
 """
 from torch import nn
 
-# torchvision's vgg16().features up to relu5_3; "M" is a pool (the final one is used by neither metric)
+# torchvision's vgg16().features up to relu5_3; "M" is a pool (its fifth, after relu5_3, is left out: no metric uses it)
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 

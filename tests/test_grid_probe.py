@@ -2,10 +2,13 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import grid_probe  # noqa: E402
 from grid_probe import block_harmonic_ratio  # noqa: E402
+from report import run_main  # noqa: E402
 
 
 def test_block_harmonic_ratio_finds_a_4px_pattern_and_only_that():
@@ -21,3 +24,13 @@ def test_block_harmonic_ratio_finds_a_4px_pattern_and_only_that():
     # smooth content (a ramp) carries no power at the harmonics either
     ramp = torch.linspace(0, 1, 120).expand(96, 120)
     assert block_harmonic_ratio(noise + ramp) < 1.5
+
+
+
+def test_a_missing_checkpoint_or_folder_is_one_line(tmp_path):
+    """Through report.run_main, as every probe runs: a WeightsError or ValueError ends the script in one line."""
+    for argv, message in (([str(tmp_path / "none.safetensors")], f"{tmp_path / 'none.safetensors'}: no such file"),
+                          (["--heldout", str(tmp_path / "none")], f"{tmp_path / 'none'}: no such folder")):
+        with pytest.raises(SystemExit) as stop:
+            run_main(lambda: grid_probe.main(argv))
+        assert stop.value.code == f"error: {message}"
