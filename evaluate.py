@@ -332,16 +332,16 @@ class EvalConfig:
     sr: str = flag(None, "folder of super-resolved images (required)")
     gt: str = flag(None, "folder of ground-truth HR images, matched by file stem; without it, NIQE only")
     json: str = flag(None, "also write {images, mean, notes, missing, errors} to this JSON file")
-    lpips_vgg: str = flag(None, "torchvision VGG16 weights for LPIPS (vgg16-397923af.pth)")
-    lpips_heads: str = flag(None, "LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
-    dists: str = flag(None, "DISTS alpha/beta weights (DISTS_pytorch's weights.pt)")
-    vgg: str = flag(None, "torchvision VGG16 weights for the DISTS backbone (vgg16-397923af.pth)")
+    lpips_vgg: str = flag(None, "torchvision VGG16 weights for LPIPS (vgg16-397923af.pth)", path=True)
+    lpips_heads: str = flag(None, "LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)", path=True)
+    dists: str = flag(None, "DISTS alpha/beta weights (DISTS_pytorch's weights.pt)", path=True)
+    vgg: str = flag(None, "torchvision VGG16 weights for the DISTS backbone (vgg16-397923af.pth)", path=True)
     device: str = flag("cpu", "device of LPIPS and DISTS, and of the other metrics when either is loaded")
 
 
 def load_lpips(config, log):
-    if not config.lpips_vgg or not config.lpips_heads:
-        log("LPIPS off: weights not found (--lpips-vgg and --lpips-heads are both needed)")
+    if not config.lpips_vgg and not config.lpips_heads:
+        log("LPIPS off: no weights given (--lpips-vgg and --lpips-heads)")
         return None
     from losses import try_load_lpips  # imported here: PSNR/SSIM alone never touch the losses module
     return try_load_lpips(config.lpips_vgg, config.lpips_heads, log=log)
@@ -349,7 +349,6 @@ def load_lpips(config, log):
 
 def main(argv=None):
     config = parse(EvalConfig, argv)
-    print(describe(config))
     if not config.sr:
         print("evaluate.py: error: --sr is required", file=sys.stderr)
         return 2
@@ -358,6 +357,7 @@ def main(argv=None):
     if problem:
         print(f"evaluate.py: error: {problem}", file=sys.stderr)
         return 2
+    print(describe(config))
     notes = []
     try:
         if config.gt:

@@ -23,7 +23,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 import clip
 from plumbing.vgg16 import VGG16_URL, vgg16_feature_weights, vgg16_features
-from plumbing.weights import load_strict, read_state_dict
+from plumbing.weights import WeightsError, load_strict, read_state_dict
 
 # ---------------------------------------------------------------------------------------------
 # LPIPS
@@ -94,14 +94,17 @@ def lpips_head_weights(state_dict):
 
 
 def try_load_lpips(vgg16_path, heads_path, log=print):
-    """LPIPS from local files, or None (with one log line) when a file is not given or not there.
-    Files that exist but are unreadable or do not fit still raise WeightsError."""
+    """LPIPS from local files, or None (with one log line) when neither file is given. A file given but not
+    there, one of the two alone, or files that do not fit raise WeightsError: a typo must not switch a loss off."""
     wanted = ((vgg16_path, f"torchvision's vgg16-397923af.pth ({VGG16_URL})"), (heads_path, LPIPS_HEADS_HINT))
-    missing = [(f"{path} not found" if path else "no file given") + f"; get {hint}"
-               for path, hint in wanted if not path or not os.path.isfile(path)]
-    if missing:
-        log("LPIPS off: " + "; ".join(missing))
+    if not vgg16_path and not heads_path:
+        log(f"LPIPS off: no weights given (it needs {wanted[0][1]} and {wanted[1][1]})")
         return None
+    for path, hint in wanted:
+        if not path:
+            raise WeightsError(f"LPIPS needs two files; {hint} is not given")
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path}: no such file ({hint}, for LPIPS)")
     return LPIPS.from_files(vgg16_path, heads_path)
 
 
@@ -223,10 +226,11 @@ CLIP_HINT = "a CLIP model folder in Hugging Face format (config.json, model.safe
 
 
 def try_load_clip_iqa(clip_dir, log=print):
-    """CLIPIQALoss from a local CLIP folder, or None (with one log line) when the folder is not there.
-    A folder that exists but holds unreadable or unfitting files still raises WeightsError."""
-    if not clip_dir or not os.path.isdir(clip_dir):
-        problem = f"{clip_dir} not found" if clip_dir else "no CLIP folder given"
-        log(f"CLIP-IQA off: {problem}; get {CLIP_HINT}, e.g. openai/clip-vit-base-patch32")
+    """CLIPIQALoss from a local CLIP folder, or None (with one log line) when none is given. A folder given but
+    not there, or one with unreadable or unfitting files, raises WeightsError."""
+    if not clip_dir:
+        log(f"CLIP-IQA off: no CLIP folder given; get {CLIP_HINT}, e.g. openai/clip-vit-base-patch32")
         return None
+    if not os.path.isdir(clip_dir):
+        raise WeightsError(f"{clip_dir}: no such folder (CLIP-IQA needs {CLIP_HINT})")
     return CLIPIQALoss(clip.CLIPModel.from_pretrained(clip_dir), clip.CLIPTokenizer.from_pretrained(clip_dir))

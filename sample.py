@@ -330,7 +330,8 @@ def main(argv=None):
         print(f"error: {message}", file=sys.stderr)
     jobs = jobs[rank::world]  # under torchrun each process takes every world-th image
     written, batch = 0, []  # batch: loaded inputs of one size, waiting to go through the model together
-    for path, out in tqdm(jobs, desc="images", disable=cfg.quiet or len(jobs) < 2 or world > 1):
+    bar = (cfg.verbose or sys.stderr.isatty()) and not cfg.quiet and len(jobs) > 1 and world == 1  # not in logs
+    for path, out in tqdm(jobs, desc="images", disable=not bar):
         try:
             item = load_input(path, out, cfg)
         except (ValueError, OSError) as e:  # ImageError is a ValueError

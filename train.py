@@ -53,7 +53,7 @@ class TrainConfig:
     """Train FlowSR (both stages by default)."""
     stage: str = flag("both", "which stage(s) to train", choices=("1", "2", "both"))
     preset: str = flag("tiny", "tiny: pixel autoencoder + small UNet (CPU); sd21: LoRA on SD 2.1-base", choices=tuple(PRESETS))
-    base: str = flag("", "SD 2.1-base: diffusers folder or original single file (--preset sd21)")
+    base: str = flag("", "SD 2.1-base: diffusers folder or original single file (--preset sd21)", path=True)
     data: str = flag("photos/train", "folder of HR training photos")
     val_data: str = flag("photos/heldout", "folder of photos for the validation grids")
     out_dir: str = flag("runs/tiny", "where checkpoints, grids and logs go")
@@ -68,8 +68,8 @@ class TrainConfig:
     weight_decay: float = flag(0.0, "AdamW weight decay")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     seed: int = flag(0, "seed of the data, the time draws and the initial weights")
-    degradation: str = flag("", "how LR inputs are made from HR crops (default: the preset's)",
-                            choices=("", *DEGRADATIONS))
+    degradation: str = flag("preset", "how LR inputs are made from HR crops (preset: the preset's own)",
+                            choices=("preset", *DEGRADATIONS))
     zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
     flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)")
@@ -94,9 +94,9 @@ class TrainConfig:
     d_lr: float = flag(1e-4, "discriminator learning rate")
     iqa_weight: float = flag(0.1, "lambda_IQA (needs --clip)")
     # pretrained loss networks: never faked; missing files switch the term off with one log line
-    lpips_vgg: str = flag("", "torchvision vgg16-397923af.pth for LPIPS")
-    lpips_heads: str = flag("", "LPIPS linear heads (lpips package weights/v0.1/vgg.pth)")
-    clip: str = flag("", "CLIP folder (Hugging Face CLIPModel layout) for the CLIP-IQA loss")
+    lpips_vgg: str = flag("", "torchvision vgg16-397923af.pth for LPIPS", path=True)
+    lpips_heads: str = flag("", "LPIPS linear heads (lpips package weights/v0.1/vgg.pth)", path=True)
+    clip: str = flag("", "CLIP folder (Hugging Face CLIPModel layout) for the CLIP-IQA loss", path=True)
     # sd21 preset
     prompt: str = flag(FLOWSR_PROMPT, "fixed prompt whose text embedding is the UNet context (sd21)")
     lora_rank: int = flag(4, "LoRA rank on the UNet (sd21)", low=1)
@@ -121,7 +121,7 @@ def setup(cfg):
     """Fill preset defaults and check the config; start the process group under torchrun; pick the device."""
     defaults = PRESETS[cfg.preset]
     for key in ("batch_size", "crop_size", "lr", "stage2_lr", "degradation"):
-        if not getattr(cfg, key):
+        if getattr(cfg, key) in (0, "preset"):
             setattr(cfg, key, defaults[key])
     if cfg.grad_checkpointing == "auto":
         cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
@@ -197,7 +197,7 @@ def load_lpips(cfg, device, say):
 
 
 def latents(model, x_hr, x_lr):
-    """z_H = s E(x_HR) with the frozen encoder and z_L = s E(up(x_LR)) with the tuned one, (b, C, h, w) each (SPEC 1)."""
+    """z_H = s E(x_HR) (frozen encoder), z_L = s E(up(x_LR)) (tuned encoder); (b, C, h, w) each (SPEC 1)."""
     z_L = model.encode(model.upsample_lr(x_lr))  # through the LoRA-tuned encoder
     with torch.no_grad(), lora.lora_disabled(model.ae):
         z_H = model.encode(x_hr)  # the frozen encoder defines the HR target

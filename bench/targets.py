@@ -37,7 +37,7 @@ FIDELITY_SLACK, NIQE_GAIN, FLAT_SLACK = 0.5, 2.0, 1.0  # dB, NIQE points, dB: th
 @dataclass
 class TargetsConfig:
     """Check a model's fidelity, perception and flat-content targets on a folder of HR photos."""
-    heldout: str = flag("", "folder of HR photos (ones the model never trained on)")
+    heldout: str = flag("", "folder of HR photos (ones the model never trained on; required)")
     checkpoint: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"), "the model to check")
     crop: int = flag(0, "centre crops of this HR size (0: whole photos; Real-ESRGAN is slow on large ones)")
     eval_seed: int = flag(0, "seed of the Real-ESRGAN degradation")

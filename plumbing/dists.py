@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plumbing.vgg16 import vgg16_feature_weights, vgg16_features
-from plumbing.weights import load_strict, read_state_dict
+from plumbing.weights import WeightsError, load_strict, read_state_dict
 
 STAGE_CHANNELS = (3, 64, 128, 256, 512, 512)  # the image itself, then the five VGG stages
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -90,9 +90,14 @@ def load_dists(vgg16_path, dists_path):
 
 
 def try_load_dists(vgg16_path, dists_path, log=print):
-    """DISTS when both files exist, else None with a note; a file that exists but does not fit is an error."""
+    """DISTS from its two files, or None with a note when neither is given; a file given but not there, one of
+    the two alone, or a file that does not fit is a WeightsError."""
+    if not vgg16_path and not dists_path:
+        log("DISTS off: no weights given (--dists and --vgg)")
+        return None
     for path, flag in ((dists_path, "--dists"), (vgg16_path, "--vgg")):
-        if not path or not os.path.isfile(path):
-            log(f"DISTS off: weights not found ({flag} {path or 'not given'})")
-            return None
+        if not path:
+            raise WeightsError(f"DISTS needs two files; {flag} is not given")
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path}: no such file ({flag}, for DISTS)")
     return load_dists(vgg16_path, dists_path)

@@ -8,22 +8,31 @@ a --device value.
 """
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
 
 
-def flag(default, help, choices=None, positional=False, short=None, low=None, high=None):
-    """A dataclass field carrying its command-line help (and optional choices, a short alias like "-o", or the
-    range [low, high] its value must lie in)."""
-    meta = {"help": help, "choices": choices, "positional": positional, "short": short, "range": (low, high)}
+def flag(default, help, choices=None, positional=False, short=None, low=None, high=None, path=False):
+    """A dataclass field carrying its command-line help (and optional choices, a short alias like "-o", the
+    range [low, high] its value must lie in, or path=True: a file or folder that must be there when given)."""
+    meta = {"help": help, "choices": choices, "positional": positional, "short": short, "range": (low, high),
+            "path": path}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line (the usage is what -h is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(config_cls, description=None):
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__, allow_abbrev=False)
+    parser = OneLineParser(description=description or config_cls.__doc__, allow_abbrev=False)
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -44,7 +53,7 @@ def build_parser(config_cls, description=None):
 
 def with_default(help, default):
     """The help text with the default appended, unless the text already explains it or there is none."""
-    if "default" in help or default in ("", None, []):
+    if "(default" in help or default in ("", None, []):
         return help
     shown = " ".join(default) if isinstance(default, list) else default
     return f"{help} (default: {shown})".replace("%", "%%")
@@ -68,6 +77,8 @@ def parse(config_cls, argv=None, description=None):
         value = getattr(args, f.name)
         if (low is not None and value < low) or (high is not None and value > high):
             parser.error(f"--{f.name.replace('_', '-')} {value}: must be {range_text(low, high)}")
+        if f.metadata.get("path") and value and not os.path.exists(value):  # before hours of work, not after
+            parser.error(f"--{f.name.replace('_', '-')} {value}: no such file or folder")
     return config_cls(**vars(args))
 
 

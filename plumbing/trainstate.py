@@ -144,6 +144,8 @@ class Checkpoints:
     def resume(self, say):
         """(step, log window) to go on from: the state file's with --resume (when there is one), else (0, empty)."""
         if not (self.cfg.resume and os.path.exists(self.state_path)):
+            if self.cfg.resume:
+                say(f"note: --resume: no {self.state_path}; stage {self.stage.number} starts at step 0")
             return 0, LogWindow()
         self.saved_step, window = load_into(self.stage, self.state_path, self.signature, self.cfg, say)
         return self.saved_step, LogWindow(window)

@@ -252,9 +252,12 @@ def test_dists_matches_dists_pytorch_transcription(dists_files):
 def test_dists_loading_errors_and_missing_files(dists_files, tmp_path):
     vgg_path, dists_path, _ = dists_files
     notes = []
-    assert try_load_dists(None, dists_path, log=notes.append) is None
-    assert try_load_dists(vgg_path, str(tmp_path / "absent.pt"), log=notes.append) is None
-    assert "--vgg not given" in notes[0] and "--dists" in notes[1] and "absent.pt" in notes[1]
+    assert try_load_dists(None, None, log=notes.append) is None
+    assert notes == ["DISTS off: no weights given (--dists and --vgg)"]
+    with pytest.raises(WeightsError, match="DISTS needs two files; --vgg is not given"):
+        try_load_dists(None, dists_path, log=pytest.fail)
+    with pytest.raises(WeightsError, match="absent.pt: no such file"):
+        try_load_dists(vgg_path, str(tmp_path / "absent.pt"), log=pytest.fail)
     bad = tmp_path / "bad.pt"
     torch.save({"alpha": torch.rand(1, 1474, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}, bad)
     with pytest.raises(WeightsError, match="bad.pt.*alpha"):

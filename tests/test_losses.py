@@ -2,6 +2,7 @@ import gzip
 import json
 import math
 import os
+import re
 import warnings
 
 import lpips
@@ -87,12 +88,16 @@ def test_lpips_bad_files_raise(lpips_files, tmp_path):
         losses.try_load_lpips(str(tmp_path / "corrupt.pth"), heads_path, log=lambda line: None)
 
 
-def test_try_load_lpips_missing_files_logs_one_line(tmp_path):
+def test_lpips_is_off_only_when_no_file_is_given(tmp_path):
     lines = []
-    missing = str(tmp_path / "vgg16-397923af.pth")
-    assert losses.try_load_lpips(missing, None, log=lines.append) is None
-    assert len(lines) == 1 and lines[0].startswith("LPIPS off:") and missing in lines[0]
-    assert "\n" not in lines[0]
+    assert losses.try_load_lpips(None, None, log=lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("LPIPS off: no weights given") and "\n" not in lines[0]
+    missing = str(tmp_path / "vgg16-397923af.pth")  # a typo must not quietly change the objective
+    with pytest.raises(WeightsError, match=f"^{re.escape(missing)}: no such file"):
+        losses.try_load_lpips(missing, missing, log=pytest.fail)
+    (tmp_path / "vgg16-397923af.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match="LPIPS needs two files"):
+        losses.try_load_lpips(missing, None, log=pytest.fail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,11 +258,12 @@ def test_clip_iqa_falls_as_embedding_moves_toward_positive_prompts():
     assert iqa(x.detach() - 0.05 * x.grad.sign()).item() < iqa(x.detach()).item()
 
 
-def test_try_load_clip_iqa_missing_folder_logs_one_line(tmp_path):
+def test_clip_iqa_is_off_only_when_no_folder_is_given(tmp_path):
     lines = []
-    assert losses.try_load_clip_iqa(str(tmp_path / "no-clip"), log=lines.append) is None
-    assert len(lines) == 1 and lines[0].startswith("CLIP-IQA off:") and "no-clip" in lines[0]
-    assert losses.try_load_clip_iqa(None, log=lines.append) is None and len(lines) == 2
+    assert losses.try_load_clip_iqa(None, log=lines.append) is None
+    assert len(lines) == 1 and lines[0].startswith("CLIP-IQA off: no CLIP folder given")
+    with pytest.raises(WeightsError, match="no-clip: no such folder"):
+        losses.try_load_clip_iqa(str(tmp_path / "no-clip"), log=pytest.fail)
 
 
 def save_tiny_clip_folder(folder):

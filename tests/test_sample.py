@@ -228,7 +228,7 @@ def test_outputs_beside_input_to_file_or_folder(models, tmp_path, capsys):
     write(tmp_path / "e.png", photo(8, 8))
     shutil.copy(tmp_path / "a_x4.png", tmp_path / "e_x4.png")  # matched by the glob e*.png, but a result
     code, out, err = run(capsys, shots, str(tmp_path / "e*.png"), a, "-o", tmp_path / "all", "--checkpoint",
-                         models.identity, "--compare")
+                         models.identity, "--compare", "-v")  # -v: progress bars in a log too
     assert code == 0
     written = sorted(os.path.relpath(os.path.join(r, n), tmp_path / "all")
                      for r, _, names in os.walk(tmp_path / "all") for n in names)
@@ -239,6 +239,8 @@ def test_outputs_beside_input_to_file_or_folder(models, tmp_path, capsys):
     assert read(tmp_path / "all" / "sub" / "d_x4_compare.png")[1] == (96, 64)  # upsampled input | result
     assert any("images: 100%" in line for line in err)  # the progress bar of several inputs
     assert out.count("wrote ") == 5
+    code, out, err = run(capsys, shots, "-o", tmp_path / "all", "--checkpoint", models.identity, "--overwrite")
+    assert code == 0 and out.count("wrote ") == 3 and not err  # without -v, a log gets one line per image only
 
 
 def test_identity_model_gives_the_upsampled_input(models, tmp_path, capsys):

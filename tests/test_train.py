@@ -96,6 +96,8 @@ def test_command_line_help_and_errors(tmp_path):
     (["--slow-steps", "0"], "--slow-steps 0: must be >= 1"),
     (["--log-every", "0"], "--log-every 0: must be >= 1"),
     (["--vae-lora-rank", "-1"], "--vae-lora-rank -1: must be >= 0"),
+    (["--clip", "/no/such/clip"], "--clip /no/such/clip: no such file or folder"),  # not a silently dropped loss
+    (["--lpips-vgg", "/no/vgg.pth"], "--lpips-vgg /no/vgg.pth: no such file or folder"),
 ])
 def test_values_out_of_range_stop_before_training(argv, message):
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as stderr:
@@ -222,8 +224,9 @@ def test_data_folder_errors_and_corrupt_files(photos, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path, monkeypatch):
-    model, _ = run(args(photos, tmp_path, "--stage", "1", "--max-steps", "1"))
-    assert isinstance(model, FlowSR)
+    model, stdout = run(args(photos, tmp_path, "--stage", "1", "--max-steps", "1", "--resume"))
+    assert isinstance(model, FlowSR)  # nothing to resume: said, and the stage starts over
+    assert f"note: --resume: no {tmp_path / 'stage1_state.pt'}; stage 1 starts at step 0" in stdout
     result, _ = run(args(photos, tmp_path, "--stage", "1", "--resume", "--upsample", "bilinear"))
     one_line_error(result, str(tmp_path / "stage1_state.pt"), "does not fit this run",
                    "model.upsample 'bicubic' in the checkpoint, 'bilinear' here")
