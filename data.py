@@ -240,7 +240,7 @@ class HRFolderDataset(torch.utils.data.Dataset):
             if len(self.decoded) < self.cached_images:  # decoding a photo costs more than cropping it
                 self.decoded[path] = pixels
             return pixels.float() / 255
-        raise ValueError(f"{self.folder}: no readable image left")
+        raise ImageError(f"{self.folder}: no readable image left")
 
     def __getitem__(self, index):
         if not 0 <= index < self.length:

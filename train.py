@@ -15,6 +15,7 @@ are written atomically, the state file last (it commits a checkpoint): a run kil
 from its last checkpoint. SIGINT / SIGTERM save and exit; a non-finite loss skips its step. Under torchrun
 only rank 0 writes files, into an --out-dir that every rank sees.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -28,13 +29,13 @@ from tqdm import tqdm
 import lora
 import losses
 from consistency import ConsistencyFlowDistillation, update_ema
-from data import DEGRADATIONS, HRFolderDataset
+from data import DEGRADATIONS, HRFolderDataset, ImageError
 from flow import RectifiedSRFlow
 from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
                                 synced_step, warnings_to)
-from plumbing.trainstate import Checkpoints, check_stage1_flags, trim_log
+from plumbing.trainstate import Checkpoints, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
@@ -63,37 +64,37 @@ class TrainConfig:
     batch_size: int = flag(0, "images per optimizer step and rank (0: preset default)", low=0)
     grad_accum: int = flag(1, "micro-batches per optimizer step (batch_size is split between them)", low=1)
     crop_size: int = flag(0, "HR crop size in pixels (0: preset default)", low=0)
-    lr: float = flag(0.0, "AdamW learning rate of stage 1 (0: preset default)")
-    stage2_lr: float = flag(0.0, "AdamW learning rate of stage 2, a fine-tune of stage 1 (0: preset default)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
-    seed: int = flag(0, "seed of the data, the time draws and the initial weights")
+    lr: float = flag(0.0, "AdamW learning rate of stage 1 (0: preset default)", low=0)
+    stage2_lr: float = flag(0.0, "AdamW learning rate of stage 2, a fine-tune of stage 1 (0: preset default)", low=0)
+    weight_decay: float = flag(0.0, "AdamW weight decay", low=0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", low=0)
+    seed: int = flag(0, "seed of the data, the time draws and the initial weights", low=0, high=2**63 - 1)
     degradation: str = flag("preset", "how LR inputs are made from HR crops (preset: the preset's own)",
                             choices=("preset", *DEGRADATIONS))
-    zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]")
-    flat_prob: float = flag(0.3, "share of HR crops blurred smooth (the model must leave smooth content smooth)")
-    flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)")
+    zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]", low=1)
+    flat_prob: float = flag(0.3, "share of HR crops blurred smooth (so the model learns to leave them)", low=0, high=1)
+    flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)", low=0)
     pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head that makes the velocity "
-                           "from the UNet's features (0: none, the UNet's output is the velocity)")
+                           "from the UNet's features (0: none, the UNet's output is the velocity)", low=0)
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
-    latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss")
-    lpips_weight: float = flag(1.0, "weight of LPIPS in the image losses (when LPIPS weights are given)")
+    latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss", low=0)
+    lpips_weight: float = flag(1.0, "weight of LPIPS in the image losses (when LPIPS weights are given)", low=0)
     # stage 2 (SPEC 3-5)
-    hr_reg_weight: float = flag(1.0, "lambda_HR: weight of the HR regularization (0: plain consistency distillation)")
+    hr_reg_weight: float = flag(1.0, "lambda_HR, the HR regularization's weight (0: plain distillation)", low=0)
     p_fast: float = flag(0.5, "share of pairs from the fast grid (0: slow only, 1: fast only)", low=0, high=1)
     fast_steps: int = flag(4, "N_f: steps of the fast grid", low=1)
     slow_steps: int = flag(1000, "N_s: steps of the slow grid (stage 2), and of stage 1's times", low=1)
     ema_decay: float = flag(0.95, "EMA decay of the target network (0: stop-gradient of the student)", low=0, high=1)
     distance: str = flag("huber", "latent distance of the consistency loss", choices=("huber", "l2"))
-    huber_c: float = flag(1e-3, "pseudo-Huber c")
+    huber_c: float = flag(1e-3, "pseudo-Huber c", low=0)
     gt_at_zero: bool = flag(True, "use the ground-truth z_H as the consistency target when t_{n-1} = 0")
-    perturb_std: float = flag(0.0, "std of the mild Gaussian perturbation of z_tn")
-    gan_weight: float = flag(0.01, "lambda_GAN (0: no discriminator)")
+    perturb_std: float = flag(0.0, "std of the mild Gaussian perturbation of z_tn", low=0)
+    gan_weight: float = flag(0.01, "lambda_GAN (0: no discriminator)", low=0)
     gan_loss: str = flag("hinge", "GAN loss", choices=losses.GAN_KINDS)
-    d_lr: float = flag(1e-4, "discriminator learning rate")
-    iqa_weight: float = flag(0.1, "lambda_IQA (needs --clip)")
-    # pretrained loss networks: never faked; missing files switch the term off with one log line
+    d_lr: float = flag(1e-4, "discriminator learning rate", low=0)
+    iqa_weight: float = flag(0.1, "lambda_IQA (needs --clip)", low=0)
+    # pretrained loss networks: never faked; without files the term is off (one log line)
     lpips_vgg: str = flag("", "torchvision vgg16-397923af.pth for LPIPS", path=True)
     lpips_heads: str = flag("", "LPIPS linear heads (lpips package weights/v0.1/vgg.pth)", path=True)
     clip: str = flag("", "CLIP folder (Hugging Face CLIPModel layout) for the CLIP-IQA loss", path=True)
@@ -244,7 +245,7 @@ def build_stage2(cfg, device, say):
     the EMA runs over the student's adapter. With --stage2-encoder frozen the VAE encoder's LoRA stops training;
     with train-teacher-stage1 (the default) stage2_step gives the teacher the stage-1 encoder's z_L.
     """
-    init = cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
+    init = stage1_path(cfg)
     if not os.path.isfile(init):
         raise TrainingError(f"{init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
     model = build_model(cfg, device, init)
@@ -292,7 +293,7 @@ def stage2_step(cfg, s, batch, generator, ranks):
             if cfg.gan_weight > 0:
                 l_gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
                 loss, stats["gan_g"] = loss + cfg.gan_weight * l_gan, l_gan.item()
-            if s.iqa is not None:  # None also when --clip has no files
+            if s.iqa is not None:  # None when off (no --clip, or --iqa-weight 0)
                 l_iqa = s.iqa(x_pred)
                 loss, stats["iqa"] = loss + cfg.iqa_weight * l_iqa, l_iqa.item()
             stats["loss"] = loss.item()
@@ -329,7 +330,6 @@ def train_stage(cfg, stage, dataset, val, ranks, interrupted):
     log_path = os.path.join(cfg.out_dir, "log.jsonl") if ranks.rank == 0 else None
     if ranks.rank == 0:
         trim_log(log_path, stage, step)
-        os.makedirs(os.path.join(cfg.out_dir, "val"), exist_ok=True)
     bad_in_row, started = 0, time.time()
     s.model.train()
     with tqdm(total=total, initial=step, desc=f"stage {stage}", disable=ranks.rank != 0, dynamic_ncols=True) as bar:
@@ -354,7 +354,7 @@ def train_stage(cfg, stage, dataset, val, ranks, interrupted):
             if (step % cfg.log_every == 0 or step == total) and window.count:
                 window.log(stage, step, total, time.time() - started, say, log_path)
             if ranks.rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
-                save_validation_grid(s.model, val, os.path.join(cfg.out_dir, "val", f"stage{stage}_{step:06d}.png"))
+                save_validation_grid(s.model, val, cfg.out_dir, stage, step, say)
             stop = ranks.any(interrupted.requested)
             if step % cfg.ckpt_every == 0 or step == total or stop:
                 checkpoints.save(step, window)
@@ -372,18 +372,18 @@ def main(argv=None):
     """Train; returns the model of the last stage (the same on every rank)."""
     cfg = parse(TrainConfig, argv)
     try:
-        with Interrupted() as interrupted:
+        with Interrupted() as interrupted, contextlib.ExitStack() as held:
             ranks = setup(cfg)
             say = print if ranks.rank == 0 else (lambda *a, **k: None)
             say("config:\n" + describe(cfg), flush=True)
             if ranks.rank == 0:
-                os.makedirs(cfg.out_dir, exist_ok=True)
+                held.enter_context(claimed_out_dir(cfg))
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
             dataset = open_dataset(cfg, stages, ranks.world, say)
             val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None
             for stage in stages:
                 model = train_stage(cfg, stage, dataset, val, ranks, interrupted)
-    except (TrainingError, WeightsError) as e:
+    except (TrainingError, WeightsError, ImageError) as e:  # ImageError: the photos became unreadable
         sys.exit(f"error: {e}")
     if ranks.world > 1:
         dist.barrier()

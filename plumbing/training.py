@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from data import ImageError
 from plumbing.flags import device_problem
 
 
@@ -124,11 +126,20 @@ def warnings_to(say):
 
 def batches(dataset, batch_size, start_step, total_steps, rank, world, num_workers):
     """Item n of the dataset is fully determined by (seed, n), and step s of rank r takes the items
-    s * B * world + r * B + [0, B): resuming at any step gives the same batches."""
+    s * B * world + r * B + [0, B): resuming at any step gives the same batches. The photos failing in a worker
+    is an ImageError of one line here, as without workers."""
     order = [step * batch_size * world + rank * batch_size + j
              for step in range(start_step, total_steps) for j in range(batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
-                                       num_workers=num_workers, worker_init_fn=ignore_signals)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
+                                         num_workers=num_workers, worker_init_fn=ignore_signals)
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    except ImageError as e:  # from a worker, the message holds the worker's traceback; its last line is the error
+        raise ImageError(re.sub(r"^\S*ImageError: ", "", str(e).strip().splitlines()[-1])) from None
+    finally:  # the workers ignore SIGTERM, so an exit that waits for them would hang: stop them here
+        if num_workers:
+            iterator._shutdown_workers()
 
 
 def micro_batches(batch, n, device):
@@ -196,6 +207,9 @@ class LogWindow:
         say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
             + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
         if path is not None:
-            with open(path, "a") as f:
-                f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
+            except OSError as e:  # the line above said it; training goes on to its next checkpoint
+                say(f"warning: {path}: {e}")
         self.reset()

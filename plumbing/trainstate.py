@@ -4,13 +4,16 @@ One file per stage (OUT_DIR/stage{1,2}_state.pt, torch.save of tensors and plain
 weights_only=True) holds the trainable weights, the optimizer, in stage 2 the EMA target and the
 discriminator, the step and the open log window; the data and time draws of step n are a pure function of
 (seed, n, rank) (stage 2's step n sees stage 1's batch n, with other time draws), so nothing else is needed.
-A resumed optimizer keeps its moments and takes this run's learning rate and weight decay. For the sd21 preset the weights are LoRA tensors only (the
-student's; the target is a LoRA adapter): the base comes from --base and the teacher from the stage-1 file.
-It is written atomically (weights.write_atomic) and after the model file, so it is what commits a checkpoint.
-A state of another model (preset, sizes, LoRA ranks, upsampling) is refused, naming the differences. Every
-refusal is a one-line TrainingError.
+A resumed optimizer keeps its moments and takes this run's learning rate and weight decay. For the sd21 preset
+the weights are LoRA tensors only (the student's; the target is a LoRA adapter): the base comes from --base and
+the teacher from the stage-1 file, whose digest stage 2's state keeps. It is written atomically
+(weights.write_atomic) and after the model file, so it is what commits a checkpoint. A state of another model
+(preset, sizes, LoRA ranks, upsampling) or, in stage 2, of another teacher is refused, naming the differences.
+Every refusal is a one-line TrainingError. While a run goes on it holds --out-dir (claimed_out_dir).
 """
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -23,6 +26,44 @@ from plumbing.weights import first_line, json_object, read_metadata, write_atomi
 
 OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the optimizer only while --gan-weight > 0
 REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
+
+
+@contextlib.contextmanager
+def claimed_out_dir(cfg):
+    """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
+    checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
+    would become training photos)."""
+    out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
+    if out == data or out.startswith(data + os.sep):
+        raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
+                            "photos")
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "w")
+    except OSError as e:
+        raise TrainingError(f"--out-dir {cfg.out_dir}: {first_line(e)}") from None
+    with lock:
+        try:
+            import fcntl  # POSIX; elsewhere runs are not guarded against each other
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it") from None
+        yield
+
+
+def stage1_path(cfg):
+    """The stage-1 model stage 2 starts from (and distils)."""
+    return cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def flat(value, prefix):
@@ -72,11 +113,13 @@ def check_resumable(path, saved, current):
 def check_stage1_flags(path, cfg, model):
     """Stage 2 goes on from the stage-1 model in `path`; flags that describe another model (its up-sampling, and
     the tiny preset's flat gate and pixel head) are refused rather than ignored."""
+    recorded = json_object(read_metadata(path).get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
+    if recorded.get("stage") == 2:
+        raise TrainingError(f"{path} is a stage-2 model; stage 2 distils a stage-1 model (its teacher)")
     if cfg.preset == "tiny":  # `model` was rebuilt from the file
         saved = {"upsample": model.upsample, "flat_gate": model.flat_gate,
                  "pixel_head": model.config_dict()["pixel_head"]}
     else:  # `model` was built from the flags; a file of train.py records its up-sampling (a published one does not)
-        recorded = json_object(read_metadata(path).get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
         saved = {"upsample": recorded["upsample"]} if "upsample" in recorded else {}
     check_resumable(path, saved, {name: getattr(cfg, name) for name in saved})
 
@@ -103,11 +146,14 @@ def trim_log(path, stage, step):
         write_atomic(path, lambda out: out.write(kept))
 
 
-def load_into(stage, path, signature, cfg, say):
-    """Load the state file into train.Stage `stage`, refusing another model's; returns (step, the open log
-    window's state or None)."""
+def load_into(stage, path, signature, teacher, cfg, say):
+    """Load the state file into train.Stage `stage`, refusing another model's or one distilled from another
+    teacher (`teacher`: the stage-1 file's digest in stage 2); returns (step, the open log window's state or None)."""
     state = load_state(path)
     check_resumable(path, json.loads(state["signature"]), signature)
+    if state.get("teacher_digest", teacher) != teacher:
+        raise TrainingError(f"{path} was distilled from another stage-1 model than {stage1_path(cfg)}; "
+                            "move it away to start stage 2 over")
     old = json.loads(state["config"])
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                if k in old and old[k] != v and k != "resume"]
@@ -139,6 +185,7 @@ class Checkpoints:
         self.model_path = os.path.join(cfg.out_dir, f"stage{stage.number}.safetensors")
         self.state_path = os.path.join(cfg.out_dir, f"stage{stage.number}_state.pt")
         self.signature = model_signature(cfg, stage.model)
+        self.teacher = file_digest(stage1_path(cfg)) if stage.number == 2 else None
         self.saved_step = None
 
     def resume(self, say):
@@ -147,7 +194,10 @@ class Checkpoints:
             if self.cfg.resume:
                 say(f"note: --resume: no {self.state_path}; stage {self.stage.number} starts at step 0")
             return 0, LogWindow()
-        self.saved_step, window = load_into(self.stage, self.state_path, self.signature, self.cfg, say)
+        self.saved_step, window = load_into(self.stage, self.state_path, self.signature, self.teacher, self.cfg, say)
+        if self.ranks.rank == 0 and not os.path.exists(self.model_path):  # the state holds its weights
+            self.write_model(self.saved_step)
+            say(f"note: {self.model_path} was missing; written again from {self.state_path}")
         return self.saved_step, LogWindow(window)
 
     def save(self, step, window):
@@ -177,7 +227,7 @@ class Checkpoints:
     def state(self, step, window):
         """What the state file holds (see the top of this file)."""
         stage = self.stage
-        state = {"step": step, "signature": json.dumps(self.signature),
+        state = {"step": step, "signature": json.dumps(self.signature), "teacher_digest": self.teacher,
                  "config": json.dumps(dataclasses.asdict(self.cfg)),
                  "model": {n: p.detach().cpu() for n, p in stage.model.named_parameters() if p.requires_grad},
                  "optimizer": stage.optimizer.state_dict(), "window": window.state_dict()}

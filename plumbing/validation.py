@@ -35,12 +35,18 @@ def validation_batch(folder, crop_size, degradation, say, n=4):
 
 
 @torch.no_grad()
-def save_validation_grid(model, val, path):
-    """Rows of up(x_LR) | one-step output | x_HR, made in eval mode; the model is left in train mode."""
+def save_validation_grid(model, val, out_dir, stage, step, say):
+    """OUT_DIR/val/stage{stage}_{step}.png: rows of up(x_LR) | one-step output | x_HR, made in eval mode (the model
+    is left in train mode). A grid that cannot be written is a warning: it is a diagnostic, and training goes on
+    to its next checkpoint."""
     model.eval()
     x_hr, x_lr = (x.to(model.context.device) for x in val)
     up = model.upsample_lr(x_lr)
     sr = model.decode(sample(model, model.encode(up), None, torch.tensor([1.0, 0.0]))).clamp(-1, 1)
     rows = torch.stack([up, sr, x_hr], dim=1).flatten(0, 1)  # (3B, 3, H, W)
-    save_image(make_grid(from_model(rows), nrow=3, padding=2), path)
+    try:
+        save_image(make_grid(from_model(rows), nrow=3, padding=2),
+                   os.path.join(out_dir, "val", f"stage{stage}_{step:06d}.png"))
+    except OSError as e:
+        say(f"warning: no validation grid: {e}")
     model.train()

@@ -98,6 +98,10 @@ def test_command_line_help_and_errors(tmp_path):
     (["--vae-lora-rank", "-1"], "--vae-lora-rank -1: must be >= 0"),
     (["--clip", "/no/such/clip"], "--clip /no/such/clip: no such file or folder"),  # not a silently dropped loss
     (["--lpips-vgg", "/no/vgg.pth"], "--lpips-vgg /no/vgg.pth: no such file or folder"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be >= 0"),  # clip_grad_norm_ would flip the gradients
+    (["--lr", "-1"], "--lr -1.0: must be >= 0"),
+    (["--zoom-out", "0.5"], "--zoom-out 0.5: must be >= 1"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be in [0, {2 ** 63 - 1}]"),
 ])
 def test_values_out_of_range_stop_before_training(argv, message):
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as stderr:

@@ -287,3 +287,65 @@ def test_two_ranks_end_with_the_same_weights_and_only_rank0_writes(photos, tmp_p
     saved = load_file(tmp_path / "rank0" / "stage2.safetensors")
     assert same({k: v for k, v in results[1]["weights"].items() if k.startswith("unet.")},
                 {k: v for k, v in saved.items() if k.startswith("unet.")})
+
+
+def test_out_dir_that_is_a_file_inside_the_data_or_in_use_is_one_line(photos, tmp_path):
+    from test_train import one_line_error
+    (tmp_path / "file").write_text("not a folder")
+    result, _ = run(args(photos, tmp_path / "file"))
+    one_line_error(result, f"--out-dir {tmp_path / 'file'}:")
+    result, _ = run(args(photos, photos / "run"))  # its val/*.png grids would be listed as training photos
+    one_line_error(result, f"--out-dir {photos / 'run'} is inside --data {photos}")
+    assert not (photos / "run").exists()
+    import fcntl
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".lock", "w") as lock:  # what a second train.py on the same folder would meet
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result, _ = run(args(photos, tmp_path / "busy"))
+    one_line_error(result, f"--out-dir {tmp_path / 'busy'}: another train.py is writing into it")
+
+
+def test_photos_that_break_during_training_stop_in_one_line_and_stop_the_workers(tmp_path):
+    import multiprocessing
+    from PIL import Image
+    from test_train import one_line_error
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (48, 48), (90, 120, 30)).save(data / f"{name}.png")
+    real_probe = train.HRFolderDataset.__init__
+
+    def break_after_the_check(self, *a, **k):  # readable at start (the probe), truncated before the first batch
+        real_probe(self, *a, **k)
+        for path in data.iterdir():
+            path.write_bytes(path.read_bytes()[:60])
+    train.HRFolderDataset.__init__ = break_after_the_check
+    try:
+        result, _ = run(args(data, tmp_path / "out", "--num-workers", "1", "--val-data", ""))
+    finally:
+        train.HRFolderDataset.__init__ = real_probe
+    one_line_error(result, f"{data}: no readable image left")
+    assert "\n" not in result.code and not multiprocessing.active_children()  # an exit would wait on them
+
+
+def test_a_grid_that_cannot_be_written_is_a_warning(photos, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "val").write_text("a file where the grids' folder goes")
+    model, stdout = run(args(photos, tmp_path / "out", "--stage", "1", "--max-steps", "3"))
+    assert isinstance(model, train.FlowSR) and (tmp_path / "out" / "stage1_state.pt").exists()
+    assert "warning: no validation grid:" in stdout
+
+
+def test_stage2_resumes_only_with_its_own_teacher_and_a_lost_model_file_is_written_again(photos, tmp_path):
+    from test_train import one_line_error
+    out = tmp_path / "out"
+    assert isinstance(run(args(photos, out, "--max-steps", "1"))[0], train.FlowSR)
+    os.remove(out / "stage1.safetensors")
+    model, stdout = run(args(photos, out, "--max-steps", "1", "--stage", "1", "--resume"))
+    assert isinstance(model, train.FlowSR) and (out / "stage1.safetensors").exists()
+    assert f"note: {out / 'stage1.safetensors'} was missing; written again from {out / 'stage1_state.pt'}" in stdout
+    result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))  # stage 1 goes on: another teacher
+    one_line_error(result, f"{out / 'stage2_state.pt'} was distilled from another stage-1 model than "
+                           f"{out / 'stage1.safetensors'}")
+    result, _ = run(args(photos, tmp_path / "again", "--stage", "2", "--init", str(out / "stage2.safetensors")))
+    one_line_error(result, f"{out / 'stage2.safetensors'} is a stage-2 model")

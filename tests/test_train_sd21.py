@@ -256,7 +256,7 @@ def test_stage2_holds_one_base_and_lora_only_state(sd_folder, photos, stage1_dir
     state = train.Checkpoints(cfg, s, ranks).state(0, LogWindow())
     assert state["model"] and all(".lora_" in k and ".default." in k for k in state["model"])
     assert state["target"] and all(".target." in k for k in state["target"])
-    assert "teacher" not in state  # rebuilt from the stage-1 file
+    assert "teacher" not in state and len(state["teacher_digest"]) == 16  # rebuilt from the stage-1 file it names
 
 
 def test_teacher_runs_on_the_stage1_encoders_latent(sd_folder, photos, stage1_dir, monkeypatch):
