@@ -16,11 +16,13 @@ import json
 import os
 import re
 import signal
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from data import ImageError
 from plumbing.flags import device_problem
@@ -49,10 +51,16 @@ class Interrupted:
         self.requested = True
 
 
-def ignore_signals(worker_id):
-    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops."""
+def init_worker(worker_id):
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops, and say
+    their warnings (a photo skipped) in one line."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    warnings.showwarning = say_warning
+
+
+def say_warning(message, *where, **more):
+    tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not inside it
 
 
 @dataclass
@@ -131,10 +139,12 @@ def batches(dataset, batch_size, start_step, total_steps, rank, world, num_worke
     order = [step * batch_size * world + rank * batch_size + j
              for step in range(start_step, total_steps) for j in range(batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
-                                         num_workers=num_workers, worker_init_fn=ignore_signals)
+                                         num_workers=num_workers, worker_init_fn=init_worker)
     iterator = iter(loader)
     try:
-        yield from iterator
+        with warnings.catch_warnings():  # without workers, the photos are read here
+            warnings.showwarning = say_warning
+            yield from iterator
     except ImageError as e:  # from a worker, the message holds the worker's traceback; its last line is the error
         raise ImageError(re.sub(r"^\S*ImageError: ", "", str(e).strip().splitlines()[-1])) from None
     finally:  # the workers ignore SIGTERM, so an exit that waits for them would hang: stop them here

@@ -349,3 +349,23 @@ def test_stage2_resumes_only_with_its_own_teacher_and_a_lost_model_file_is_writt
                            f"{out / 'stage1.safetensors'}")
     result, _ = run(args(photos, tmp_path / "again", "--stage", "2", "--init", str(out / "stage2.safetensors")))
     one_line_error(result, f"{out / 'stage2.safetensors'} is a stage-2 model")
+
+
+class WarningDataset(torch.utils.data.Dataset):
+    """Items that warn as a photo that cannot be read does."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import warnings
+        warnings.warn(f"skipping photo{i}.png: not a readable image")
+        return {"hr": torch.zeros(3, 4, 4), "lr": torch.zeros(3, 1, 1)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_warnings_while_training_are_one_line_each(capfd, workers):
+    from plumbing.training import batches
+    assert len(list(batches(WarningDataset(), 2, 0, 2, 0, 1, workers))) == 2
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert sorted(lines) == [f"warning: skipping photo{i}.png: not a readable image" for i in range(4)]
