@@ -179,7 +179,6 @@ def prepare(work_dir):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig, inject_adapter_in_model
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
     import lora
     print(f"writing random SD 2.1-base weights to {work_dir} (once)", file=sys.stderr)
     torch.manual_seed(0)
@@ -200,14 +199,20 @@ def prepare(work_dir):
               "vae_lora_target_modules": targets["vae"], "lora_alpha": 8}
     lora.write_flowsr_checkpoint(lora_path, fields, lora_states["unet"], lora_states["vae"],
                                  extra_metadata={"flowsr_model": json.dumps({"upsample": "bilinear"})})
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
-                                        num_attention_heads=16, max_position_embeddings=77))
+    text = tiny_text_encoder()
     ids = torch.tensor([list(FLOWSR_PROMPT_IDS) + [SD2_PAD_ID] * (77 - len(FLOWSR_PROMPT_IDS))])
     with torch.no_grad():
         save_file({"context": text(ids).last_hidden_state.contiguous()}, context_path)  # (1, 77, 1024)
     with open(os.path.join(work_dir, "READY"), "w") as f:
         f.write(json.dumps({"torch": torch.__version__}))
     return sd_dir, lora_path, context_path
+
+
+def tiny_text_encoder():
+    """A random one-layer CLIP text encoder of SD 2.1's width (1024): the context has the real shape."""
+    from transformers import CLIPTextConfig, CLIPTextModel  # a benchmark-only dependency, as diffusers is
+    return CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
+                                        num_attention_heads=16, max_position_embeddings=77))
 
 
 # ---- one pipeline in one process -------------------------------------------------------------------------

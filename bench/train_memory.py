@@ -35,7 +35,7 @@ import train  # noqa: E402
 import unet  # noqa: E402
 from plumbing.flags import flag, parse  # noqa: E402
 from report import machine, write_results  # noqa: E402
-from speed import current_rss_mib, prepare, synchronize  # noqa: E402
+from speed import current_rss_mib, prepare, synchronize, tiny_text_encoder  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -63,10 +63,7 @@ def sd_folder(work_dir):
     """bench/speed.py's random SD 2.1-base folder, plus the tiny random text encoder train.py's prompt needs."""
     sd_dir = prepare(work_dir)[0]
     if not os.path.isdir(os.path.join(sd_dir, "text_encoder")):
-        from transformers import CLIPTextConfig, CLIPTextModel
-        CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
-                                     num_attention_heads=16, max_position_embeddings=77)
-                      ).save_pretrained(os.path.join(sd_dir, "text_encoder"))
+        tiny_text_encoder().save_pretrained(os.path.join(sd_dir, "text_encoder"))
     return sd_dir
 
 
