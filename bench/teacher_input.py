@@ -39,7 +39,7 @@ from data import HRFolderDataset, list_images, load_image, to_model  # noqa: E40
 from degradations import degrade_realesrgan  # noqa: E402
 from flowsr import FLOWSR_PROMPT_IDS, FlowSR  # noqa: E402
 from plumbing.flags import flag, parse  # noqa: E402
-from report import machine, write_results  # noqa: E402
+from report import check_work_dir, machine, write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -140,24 +140,9 @@ def last_losses(log_path, stage, n=50):
     return {k: statistics.mean(r[k] for r in records) for k in ("loss", "consistency", "hr_mse")}
 
 
-def check_work_dir(cfg):
-    """Refuse a --work-dir whose runs were made with other settings (they would be reused as they are)."""
-    settings = {k: v for k, v in vars(cfg).items() if k != "out_dir"}
-    path = os.path.join(cfg.work_dir, "settings.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved != settings:
-            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
-            sys.exit(f"error: {cfg.work_dir} holds runs made with other settings ({changed}); give another --work-dir")
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f)
-
-
 def main(argv=None):
     cfg = parse(Config, argv)
-    check_work_dir(cfg)
+    check_work_dir(cfg.work_dir, {k: v for k, v in vars(cfg).items() if k not in ("work_dir", "out_dir")})
     torch.set_num_threads(1)
     folder = tiny_sd_folder(os.path.join(cfg.work_dir, "sd"), cfg)
     common = ["--preset", "sd21", "--base", folder, "--data", os.path.join(ROOT, "photos", "train"),

@@ -42,6 +42,17 @@ def save_lora(model, path, unet_targets, vae_targets, unet_rank, vae_rank, extra
                                                                            **(extra or {})})})
 
 
+def recorded_upsample(path):
+    """up(x_LR) of the model in `path`: as its metadata says, or by its kind's convention (a published LoRA
+    checkpoint: bilinear, SPEC 7; a full one: bicubic)."""
+    meta = read_metadata(path)
+    own = json_object(meta.get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
+    upsample = own.get("upsample", "bilinear" if lora.METADATA_KEY in meta else "bicubic")
+    if upsample not in ("bilinear", "bicubic"):
+        raise WeightsError(f"{path}: unknown upsample mode {upsample!r} in metadata")
+    return upsample
+
+
 def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, cache_dir=None, channels_last=False):
     """A `cls` (FlowSR) rebuilt from a checkpoint of either kind; see FlowSR.load."""
     meta = read_metadata(path)
@@ -49,9 +60,7 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     run = own.get("train_config") or {}  # what train.py recorded: its --base and --prompt
     if not isinstance(run, dict):
         raise WeightsError(f"{path}: 'train_config' in the metadata is not a JSON object")
-    upsample = own.get("upsample", "bilinear" if lora.METADATA_KEY in meta else "bicubic")
-    if upsample not in ("bilinear", "bicubic"):
-        raise WeightsError(f"{path}: unknown upsample mode {upsample!r} in metadata")
+    upsample = recorded_upsample(path)
     if lora.METADATA_KEY in meta:
         base = base or run.get("base")
         if not base:

@@ -13,6 +13,7 @@ Every refusal is a one-line TrainingError. While a run goes on it holds --out-di
 """
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import os
 
 import torch
 
-from plumbing.checkpoints import METADATA_KEY
+from plumbing.checkpoints import METADATA_KEY, recorded_upsample
 from plumbing.training import LogWindow, TrainingError
 from plumbing.weights import first_line, json_object, read_metadata, write_atomic
 
@@ -34,7 +35,7 @@ def claimed_out_dir(cfg):
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
     would become training photos)."""
     out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
-    if out == data or out.startswith(data + os.sep):
+    if os.path.commonpath([out, data]) == data:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
     try:
@@ -44,12 +45,13 @@ def claimed_out_dir(cfg):
         raise TrainingError(f"--out-dir {cfg.out_dir}: {first_line(e)}") from None
     with lock:
         try:
-            import fcntl  # POSIX; elsewhere runs are not guarded against each other
+            import fcntl  # POSIX; elsewhere (Windows) runs are not guarded against each other
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:
             pass
-        except OSError:
-            raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it") from None
+        except OSError as e:  # file systems without flock (some network ones) fail otherwise: run unguarded there
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it") from None
         yield
 
 
@@ -58,9 +60,13 @@ def stage1_path(cfg):
     return cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
 
 
-def file_digest(path):
-    digest = hashlib.sha256()
+def weights_digest(path):
+    """A digest of a safetensors file's tensors (names, shapes, bytes) but not its metadata: the same weights
+    written again with another config (a lost file rewritten on --resume) are the same teacher."""
     with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
@@ -119,8 +125,8 @@ def check_stage1_flags(path, cfg, model):
     if cfg.preset == "tiny":  # `model` was rebuilt from the file
         saved = {"upsample": model.upsample, "flat_gate": model.flat_gate,
                  "pixel_head": model.config_dict()["pixel_head"]}
-    else:  # `model` was built from the flags; a file of train.py records its up-sampling (a published one does not)
-        saved = {"upsample": recorded["upsample"]} if "upsample" in recorded else {}
+    else:  # `model` was built from the flags; the file's up-sampling is what loading it would use
+        saved = {"upsample": recorded_upsample(path)}
     check_resumable(path, saved, {name: getattr(cfg, name) for name in saved})
 
 
@@ -185,7 +191,7 @@ class Checkpoints:
         self.model_path = os.path.join(cfg.out_dir, f"stage{stage.number}.safetensors")
         self.state_path = os.path.join(cfg.out_dir, f"stage{stage.number}_state.pt")
         self.signature = model_signature(cfg, stage.model)
-        self.teacher = file_digest(stage1_path(cfg)) if stage.number == 2 else None
+        self.teacher = weights_digest(stage1_path(cfg)) if stage.number == 2 else None
         self.saved_step = None
 
     def resume(self, say):
@@ -198,6 +204,8 @@ class Checkpoints:
         if self.ranks.rank == 0 and not os.path.exists(self.model_path):  # the state holds its weights
             self.write_model(self.saved_step)
             say(f"note: {self.model_path} was missing; written again from {self.state_path}")
+        if self.ranks.world > 1:
+            torch.distributed.barrier()  # the other ranks' stage 2 may read it next
         return self.saved_step, LogWindow(window)
 
     def save(self, step, window):

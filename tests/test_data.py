@@ -95,6 +95,23 @@ def test_pixels_outside_the_modes_scale_are_refused_not_clipped(tmp_path, mode, 
     assert str(error.value).startswith(f"{path}: {message}")
 
 
+def test_a_float_image_may_overshoot_a_little_and_is_clipped(tmp_path):
+    pixels = np.full((12, 10), 0.5, np.float32)
+    pixels[0, 0], pixels[0, 1] = -0.02, 1.03  # what resampling leaves around edges
+    Image.fromarray(pixels, "F").save(tmp_path / "float.tiff")
+    image, _ = load_image(tmp_path / "float.tiff")
+    assert image[0, 0, 0] == 0 and image[0, 0, 1] == 1 and image[0, 5, 5] == 0.5
+
+
+def test_a_camera_jpeg_with_a_preview_frame_loads_its_main_image(tmp_path):
+    main, preview = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (20, 15), (0, 0, 255))
+    main.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview])
+    with Image.open(tmp_path / "camera.jpg") as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+    image, _ = load_image(tmp_path / "camera.jpg")
+    assert image.shape == (3, 30, 40) and image[0].mean() > 0.7 and image[2].mean() < 0.2
+
+
 def test_a_still_gif_loads_and_an_animation_is_refused(tmp_path):
     frames = [Image.fromarray(np.full((12, 10, 3), value, np.uint8)) for value in (40, 200)]
     frames[0].save(tmp_path / "still.gif")
@@ -103,6 +120,8 @@ def test_a_still_gif_loads_and_an_animation_is_refused(tmp_path):
     assert image.shape == (3, 12, 10) and torch.allclose(image, torch.full_like(image, 40 / 255))
     with pytest.raises(ImageError, match="moving.gif: 2 frames"):
         load_image(tmp_path / "moving.gif")
+    with pytest.raises(ImageError, match="moving.gif: 2 frames"):  # training's start-up check sees it too
+        data.probe_image(tmp_path / "moving.gif")
 
 
 def test_palette_with_and_without_transparency(tmp_path):

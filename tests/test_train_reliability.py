@@ -303,6 +303,18 @@ def test_out_dir_that_is_a_file_inside_the_data_or_in_use_is_one_line(photos, tm
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result, _ = run(args(photos, tmp_path / "busy"))
     one_line_error(result, f"--out-dir {tmp_path / 'busy'}: another train.py is writing into it")
+    result, _ = run(args(photos, tmp_path / "anywhere", "--data", "/"))  # every folder is inside /
+    one_line_error(result, "is inside --data /")
+
+
+def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    model, _ = run(args(photos, tmp_path / "out", "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, train.FlowSR)
 
 
 def test_photos_that_break_during_training_stop_in_one_line_and_stop_the_workers(tmp_path):
@@ -344,6 +356,8 @@ def test_stage2_resumes_only_with_its_own_teacher_and_a_lost_model_file_is_writt
     model, stdout = run(args(photos, out, "--max-steps", "1", "--stage", "1", "--resume"))
     assert isinstance(model, train.FlowSR) and (out / "stage1.safetensors").exists()
     assert f"note: {out / 'stage1.safetensors'} was missing; written again from {out / 'stage1_state.pt'}" in stdout
+    model, _ = run(args(photos, out, "--max-steps", "1", "--resume"))  # the same weights: the same teacher
+    assert isinstance(model, train.FlowSR)
     result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))  # stage 1 goes on: another teacher
     one_line_error(result, f"{out / 'stage2_state.pt'} was distilled from another stage-1 model than "
                            f"{out / 'stage1.safetensors'}")
