@@ -29,7 +29,7 @@ class DtypeQualityConfig:
     checkpoint: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"), "model to test")
     base: str = flag("", "SD 2.1-base for a LoRA checkpoint")
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR photos")
-    crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
+    crop: int = flag(0, "centre crops of this HR size (0: whole photos)", low=0)
     eval_seed: int = flag(0, "seed of the Real-ESRGAN degradation (as reproduce.py's)")
 
 

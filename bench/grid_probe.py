@@ -30,7 +30,7 @@ class GridProbeConfig:
     """Score the 4-px periodic part of what one-step models add to bicubic up-sampling."""
     checkpoints: list = flag([], "full FlowSR checkpoints (tiny preset) to probe", positional=True)
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR test photos")
-    crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
+    crop: int = flag(0, "centre crops of this HR size (0: whole photos)", low=0)
     eval_seed: int = flag(0, "seed of reproduce.py's Real-ESRGAN inputs")
     period: int = flag(4, "the period looked for, in pixels (the pixel autoencoder's block)", low=1)
 

@@ -31,7 +31,7 @@ from reproduce import heldout_set, to_8bit  # noqa: E402
 class NIQEProbeConfig:
     """Score bicubic up-sampling plus real detail, grain, sharpening or misplaced detail by PSNR-Y and NIQE."""
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "HR test photos")
-    crop: int = flag(0, "centre crops of this HR size (0: whole photos)")
+    crop: int = flag(0, "centre crops of this HR size (0: whole photos)", low=0)
     eval_seed: int = flag(0, "seed of the noise (and of reproduce.py's Real-ESRGAN inputs, unused here)")
     detail: list = flag(["0.25", "0.5"], "shares of HR - bicubic to add back")
     noise: list = flag(["1", "2", "4"], "std of the grey noise, in 8-bit levels")

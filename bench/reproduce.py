@@ -37,7 +37,7 @@ from evaluate import NIQE_MIN_SIZE, niqe, psnr_y, ssim_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
-from report import check_work_dir, machine, write_results  # noqa: E402
+from report import check_work_dir, machine, run_main, write_results  # noqa: E402
 from schedulers import uniform_grid  # noqa: E402
 
 TINY = train.PRESETS["tiny"]
@@ -71,7 +71,7 @@ class ReproduceConfig:
     bundled: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"), "the bundled model, scored too")
     work_dir: str = flag(os.path.join(ROOT, "runs", "reproduce"), "models, logs, Real-ESRGAN cache (reused)")
     out_dir: str = flag(os.path.join(ROOT, "bench", "results"), "where the table, JSON and crops go")
-    crop: int = flag(0, "score centre crops of this HR size (0: whole photos; NIQE needs 208+)")
+    crop: int = flag(0, "score centre crops of this HR size (0: whole photos; NIQE needs 208+)", low=0)
     threads: int = flag(0, "torch threads here and in train.py (0: torch's default)")
     smoke: bool = flag(False, "tiny budgets, 224-px crops, one thread, own work dir and result names: minutes")
 
@@ -347,4 +347,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

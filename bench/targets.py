@@ -28,7 +28,7 @@ from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from plumbing.weights import WeightsError  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
-from report import machine, write_results  # noqa: E402
+from report import machine, run_main, write_results  # noqa: E402
 from reproduce import GET_REALESRGAN, KINDS, cached, flat_set, heldout_set, timed, to_8bit  # noqa: E402
 
 FIDELITY_SLACK, NIQE_GAIN, FLAT_SLACK = 0.5, 2.0, 1.0  # dB, NIQE points, dB: the targets above
@@ -39,7 +39,7 @@ class TargetsConfig:
     """Check a model's fidelity, perception and flat-content targets on a folder of HR photos."""
     heldout: str = flag("", "folder of HR photos (ones the model never trained on; required)")
     checkpoint: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"), "the model to check")
-    crop: int = flag(0, "centre crops of this HR size (0: whole photos; Real-ESRGAN is slow on large ones)")
+    crop: int = flag(0, "centre crops of this HR size (0: whole photos; Real-ESRGAN is slow on large ones)", low=0)
     eval_seed: int = flag(0, "seed of the Real-ESRGAN degradation")
     work_dir: str = flag(os.path.join(ROOT, "runs", "targets"), "cache of Real-ESRGAN's outputs")
     out: str = flag(os.path.join(ROOT, "bench", "results", "targets"), "OUT.json and OUT.md are written")
@@ -148,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

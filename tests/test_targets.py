@@ -84,6 +84,15 @@ def test_bad_arguments_exit_with_one_line(tmp_path, argv, message):
     assert str(stop.value).startswith("error: ") and message in str(stop.value) and "\n" not in str(stop.value)
 
 
+def test_an_unreadable_photo_in_the_folder_is_one_line(tmp_path):
+    from report import run_main
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: targets.main(["--heldout", str(tmp_path), "--out", str(tmp_path / "out")]))
+    assert stop.value.code == f"error: {tmp_path / 'bad.png'}: not a readable image (cannot identify image file " \
+                              f"'{tmp_path / 'bad.png'}')"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--euler-steps", "2", "x"], "--euler-steps / --uniform-steps take whole numbers >= 1"),
     (["--heldout", "{tmp}/nowhere"], "no such folder"),
