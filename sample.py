@@ -137,11 +137,12 @@ def plan_outputs(paths, cfg):
         else:
             out = cfg.output if names_a_file(cfg.output) else os.path.join(cfg.output, name)
         written = [os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])]
-        clash = next((p for p in written if p in inputs), None) or next((p for p in written if p in taken), None)
-        if clash in inputs:
-            errors.append(f"{path}: its output {clash} is an input; it is never overwritten")
-        elif clash:
-            errors.append(f"{path}: its output {clash} is also an output of {taken[clash]}")
+        over_input = [p for p in written if p in inputs]
+        over_output = [p for p in written if p in taken]
+        if over_input:
+            errors.append(f"{path}: its output {over_input[0]} is an input; it is never overwritten")
+        elif over_output:
+            errors.append(f"{path}: its output {over_output[0]} is also an output of {taken[over_output[0]]}")
         else:
             taken.update((p, path) for p in written)
             jobs.append((path, out))

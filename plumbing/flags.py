@@ -63,14 +63,13 @@ def parse(config_cls, argv=None, description=None):
     """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
     parser = build_parser(config_cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)
-    after_dashes = []
-    if "--" in argv:  # what follows "--" is inputs, even a name that starts with "-"
-        argv, after_dashes = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    dashes = argv.index("--") if "--" in argv else len(argv)  # what follows "--" is inputs, even "-x.png"
+    argv, after_dashes = argv[:dashes], argv[dashes + 1:]
     args = parser.parse_intermixed_args(argv)  # flags may follow inputs (this parser refuses "--" itself)
-    positional = [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("positional")]
-    if after_dashes and not positional:
-        parser.error(f"unrecognized arguments: {' '.join(after_dashes)}")
     if after_dashes:
+        positional = [f.name for f in dataclasses.fields(config_cls) if f.metadata.get("positional")]
+        if not positional:
+            parser.error(f"unrecognized arguments: {' '.join(after_dashes)}")
         setattr(args, positional[0], [*getattr(args, positional[0]), *after_dashes])
     for f in dataclasses.fields(config_cls):
         low, high = f.metadata.get("range", (None, None))

@@ -75,8 +75,9 @@ class Ranks:
         """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one; pick the device."""
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device_problem(device):
-            raise TrainingError(device_problem(device))
+        problem = device_problem(device)
+        if problem:
+            raise TrainingError(problem)
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)

@@ -14,7 +14,6 @@ Every refusal is a one-line TrainingError. While a run goes on it holds --out-di
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import torch
 
 from plumbing.checkpoints import METADATA_KEY, recorded_upsample
 from plumbing.training import LogWindow, TrainingError
-from plumbing.weights import first_line, json_object, read_metadata, write_atomic
+from plumbing.weights import first_line, json_object, read_metadata, tensors_digest, write_atomic
 
 OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the optimizer only while --gan-weight > 0
 REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
@@ -58,18 +57,6 @@ def claimed_out_dir(cfg):
 def stage1_path(cfg):
     """The stage-1 model stage 2 starts from (and distils)."""
     return cfg.init or os.path.join(cfg.out_dir, "stage1.safetensors")
-
-
-def weights_digest(path):
-    """A digest of a safetensors file's tensors (names, shapes, bytes) but not its metadata: the same weights
-    written again with another config (a lost file rewritten on --resume) are the same teacher."""
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        header.pop("__metadata__", None)
-        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def flat(value, prefix):
@@ -191,7 +178,8 @@ class Checkpoints:
         self.model_path = os.path.join(cfg.out_dir, f"stage{stage.number}.safetensors")
         self.state_path = os.path.join(cfg.out_dir, f"stage{stage.number}_state.pt")
         self.signature = model_signature(cfg, stage.model)
-        self.teacher = weights_digest(stage1_path(cfg)) if stage.number == 2 else None
+        # the teacher's weights, not the file's bytes: a lost stage-1 file written again on --resume is the same
+        self.teacher = tensors_digest(stage1_path(cfg)) if stage.number == 2 else None
         self.saved_step = None
 
     def resume(self, say):

@@ -12,6 +12,7 @@ loads through these few functions, so that one rule holds everywhere (SPEC secti
   never holds two full copies of the weights; a .safetensors file can be read in part (by name prefix);
 - writes are atomic (temporary file, fsync, rename): a crash never leaves a half-written file.
 """
+import hashlib
 import json
 import os
 import zipfile
@@ -79,8 +80,7 @@ def _read_safetensors_as(path, keys, dtype, channels_last):
     read_state_dict) before the next is read. A tensor that converts is read into one reused scratch buffer,
     so the memory of its stored form is allocated once, not once per tensor."""
     with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
+        header_size, header = _read_header(f)
         tensors, scratch = {}, bytearray()
         for key in keys:
             entry = header[key]
@@ -122,6 +122,24 @@ def find_weights_file(folder, names):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     raise WeightsError(f"{folder}: no {' or '.join(names)}")
+
+
+def _read_header(f):
+    """(its size, the JSON header) of the .safetensors file open in `f`, left at the start of the data."""
+    header_size = int.from_bytes(f.read(8), "little")
+    return header_size, json.loads(f.read(header_size))
+
+
+def tensors_digest(path):
+    """A digest of a .safetensors file's tensors (names, dtypes, shapes, bytes) but not of its metadata: the
+    same weights written again with other metadata have the same digest."""
+    with open(path, "rb") as f:
+        header = _read_header(f)[1]
+        header.pop("__metadata__", None)
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def read_metadata(path):
