@@ -342,6 +342,12 @@ def load_flowsr_lora(path, unet, vae):
     if fields.get("lora_alpha", DEFAULT_ALPHA) != DEFAULT_ALPHA:
         raise WeightsError(f"{os.fspath(path)}: lora_alpha {fields['lora_alpha']}; training goes on from alpha "
                            f"{DEFAULT_ALPHA} only")
+    # Training saves the LoRA alone, so plain weights loaded here would be lost from every file it writes.
+    plain = [f"{part}.{key}" for part, sd in (("unet", unet_sd), ("vae", vae_sd)) for key in sd
+             if not re.search(r"\.lora_[AB]\.[^.]+\.weight$", key)]
+    if plain:
+        raise WeightsError(f"{os.fspath(path)}: {len(plain)} plain (non-LoRA) weight(s): {_listed(plain)}; "
+                           "training goes on from LoRA-only checkpoints, as it saves the LoRA alone")
     load_lora_state_dict(unet, unet_sd, path)
     load_lora_state_dict(vae, vae_sd, path)
 

@@ -338,7 +338,7 @@ def test_load_lora_state_dict_is_strict():
         lora.load_lora_state_dict(model, dict(good, **{"conv1.weight": torch.zeros(6, 6, 3, 3)}), "src.pt")
 
 
-def test_load_flowsr_lora_to_train_on_refuses_another_alpha(tmp_path):
+def test_load_flowsr_lora_to_train_on_refuses_another_alpha_and_plain_weights(tmp_path):
     unet, vae = Block(), Block()
     lora.inject_lora(unet, ["conv1", "to_q"], 2)
     lora.inject_lora(vae, ["conv1"], 2)
@@ -353,6 +353,11 @@ def test_load_flowsr_lora_to_train_on_refuses_another_alpha(tmp_path):
     lora.write_flowsr_checkpoint(tmp_path / "b.safetensors", dict(fields, lora_alpha=16), stored["unet"], stored["vae"])
     with pytest.raises(WeightsError, match=r"b\.safetensors: lora_alpha 16; training goes on from alpha 8 only"):
         lora.load_flowsr_lora(tmp_path / "b.safetensors", unet, vae)
+    with_plain = dict(stored["unet"], **{"conv1.base_layer.weight": torch.zeros(6, 6, 3, 3)})
+    lora.write_flowsr_checkpoint(tmp_path / "c.safetensors", fields, with_plain, stored["vae"])
+    with pytest.raises(WeightsError, match=r"c\.safetensors: 1 plain \(non-LoRA\) weight\(s\): "
+                                           r"unet\.conv1\.base_layer\.weight; training goes on from LoRA-only"):
+        lora.load_flowsr_lora(tmp_path / "c.safetensors", unet, vae)
 
 
 def test_adapters_share_the_base_and_one_is_active_per_call():
