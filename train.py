@@ -29,23 +29,23 @@ from tqdm import tqdm
 import lora
 import losses
 from consistency import ConsistencyFlowDistillation, update_ema
-from data import DEGRADATIONS, HRFolderDataset, ImageError
+from data import DEGRADATIONS, ImageError
 from flow import RectifiedSRFlow
 from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
-from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, step_generator,
-                                synced_step, warnings_to)
+from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, open_dataset,
+                                step_generator, synced_step)
 from plumbing.trainstate import Checkpoints, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
 
 STAGE2_ENCODER = ("train-teacher-stage1", "train", "frozen")
-PRESETS = {  # what a 0 / "" in the config means for each preset
+PRESETS = {  # what an unset value in the config (0, "preset", -1: see setup) means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=6000, stage2_steps=150,
-                 grad_checkpointing=False, degradation="mixed"),
+                 grad_checkpointing=False, degradation="mixed", flat_prob=0.3),
     "sd21": dict(batch_size=4, crop_size=512, lr=5e-5, stage2_lr=2e-5, stage1_steps=20000, stage2_steps=20000,
-                 grad_checkpointing=True, degradation="realesrgan"),
+                 grad_checkpointing=True, degradation="realesrgan", flat_prob=0.0),
 }
 
 
@@ -71,8 +71,10 @@ class TrainConfig:
     seed: int = flag(0, "seed of the data, the time draws and the initial weights", low=0, high=2**63 - 1)
     degradation: str = flag("preset", "how LR inputs are made from HR crops (preset: the preset's own)",
                             choices=("preset", *DEGRADATIONS))
-    zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this]", low=1)
-    flat_prob: float = flag(0.3, "share of HR crops blurred smooth (so the model learns to leave them)", low=0, high=1)
+    zoom_out: float = flag(2.0, "HR crops are taken from the photo zoomed out by a random factor in [1, this] "
+                           "(our choice; Real-ESRGAN trains on down-scaled copies of its photos)", low=1)
+    flat_prob: float = flag(-1.0, "share of HR crops blurred smooth, so the model learns to leave them (-1: the "
+                            "preset's, tiny 0.3, sd21 0: SPEC 6 has none)", low=-1, high=1)
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)", low=0)
     pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head that makes the velocity "
                            "from the UNet's features (0: none, the UNet's output is the velocity)", low=0)
@@ -114,6 +116,7 @@ class TrainConfig:
     val_every: int = flag(500, "steps between validation grids", low=1)
     ckpt_every: int = flag(250, "steps between checkpoints", low=1)
     max_bad_steps: int = flag(5, "stop after this many non-finite losses in a row", low=1)
+    overwrite: bool = flag(False, "start the stages over where --out-dir holds their checkpoints (else refused)")
 
 
 # ---- setup --------------------------------------------------------------------------------------------
@@ -121,8 +124,9 @@ class TrainConfig:
 def setup(cfg):
     """Fill preset defaults and check the config; start the process group under torchrun; pick the device."""
     defaults = PRESETS[cfg.preset]
-    for key in ("batch_size", "crop_size", "lr", "stage2_lr", "degradation"):
-        if getattr(cfg, key) in (0, "preset"):
+    unset = dict(batch_size=0, crop_size=0, lr=0, stage2_lr=0, degradation="preset", flat_prob=-1)
+    for key, marker in unset.items():
+        if getattr(cfg, key) == marker:
             setattr(cfg, key, defaults[key])
     if cfg.grad_checkpointing == "auto":
         cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
@@ -135,17 +139,6 @@ def setup(cfg):
 
 def steps_for(cfg, stage):
     return cfg.max_steps or PRESETS[cfg.preset][f"stage{stage}_steps"]
-
-
-def open_dataset(cfg, stages, world, say):
-    """The training photos, checked once at start: unreadable files are skipped with one warning each."""
-    length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * world
-    with warnings_to(say):
-        try:
-            return HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=length,
-                                   zoom_out=cfg.zoom_out, flat_prob=cfg.flat_prob)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
 
 
 def build_model(cfg, device, init=None):
@@ -214,20 +207,20 @@ def build_stage1(cfg, device, say):
     return Stage(1, model, flow, optimizer)
 
 
-def stage1_step(cfg, s, batch, generator, ranks):
+def stage1_step(cfg, stage, batch, generator, ranks):
     """One optimizer step of v_theta: its StepReport, or None when it was skipped (not finite)."""
-    s.optimizer.zero_grad(set_to_none=True)
+    stage.optimizer.zero_grad(set_to_none=True)
     report = StepReport(cfg.grad_accum)
     for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
         with ranks.autocast():
-            z_H, z_L = latents(s.model, x_hr, x_lr)
+            z_H, z_L = latents(stage.model, x_hr, x_lr)
             t = sample_times(len(x_hr), cfg.slow_steps, generator).to(ranks.device)  # (b,)
             # L1 = ||D(f/s) - x_HR||^2 + lambda_lpips LPIPS(D(f/s), x_HR) (+ latent_weight ||v - (z_L - z_H)||^2),
             # where f = z_t - t v_theta(z_t, t) is the HR latent implied at z_t = (1 - t) z_H + t z_L
-            loss, per_example, stats = s.objective.loss(s.model, x_hr, z_H, z_L, t, None)
+            loss, per_example, stats = stage.objective.loss(stage.model, x_hr, z_H, z_L, t, None)
         report.add(loss, per_example, stats, t)
         (loss / cfg.grad_accum).backward()
-    grad_norm = synced_step(s.optimizer, ranks, cfg.grad_clip, report.finite)
+    grad_norm = synced_step(stage.optimizer, ranks, cfg.grad_clip, report.finite)
     if grad_norm is None:
         return None
     report.stats["grad_norm"] = grad_norm
@@ -271,79 +264,80 @@ def build_stage2(cfg, device, say):
                  iqa.to(device) if iqa is not None else None)
 
 
-def stage2_step(cfg, s, batch, generator, ranks):
+def stage2_step(cfg, stage, batch, generator, ranks):
     """One optimizer step of the student, then of the discriminator, then the EMA update of the target: the
     student's StepReport, or None when its step was skipped (not finite), and then nothing was updated."""
-    s.optimizer.zero_grad(set_to_none=True)
+    stage.optimizer.zero_grad(set_to_none=True)
     report = StepReport(cfg.grad_accum)
     for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
         with ranks.autocast():
-            z_H, z_L = latents(s.model, x_hr, x_lr)
+            z_H, z_L = latents(stage.model, x_hr, x_lr)
             z_L_teacher = None
             if cfg.preset == "sd21" and cfg.stage2_encoder == "train-teacher-stage1":
-                with torch.no_grad(), lora.adapter_active(s.model.ae, "teacher"):
-                    z_L_teacher = s.model.encode(s.model.upsample_lr(x_lr))  # the stage-1 encoder's z_L
+                with torch.no_grad(), lora.adapter_active(stage.model.ae, "teacher"):
+                    z_L_teacher = stage.model.encode(stage.model.upsample_lr(x_lr))  # the stage-1 encoder's z_L
             t_n, t_prev, _ = sample_adjacent_pairs(len(x_hr), cfg.fast_steps, cfg.slow_steps, cfg.p_fast, generator)
             t_n, t_prev = t_n.to(ranks.device), t_prev.to(ranks.device)  # (b,) each, t_n > t_prev adjacent
             # L = L_CD + lambda_HR L_HR + lambda_GAN L_GAN + lambda_IQA L_IQA (SPEC 5). The distillation gives
             # L_CD + lambda_HR L_HR and x_pred = D(f_theta(z_tn, t_n) / s), which carries the student's gradient
             # into the discriminator's verdict (L_GAN) and CLIP-IQA's (L_IQA).
-            loss, per_example, stats, x_pred = s.objective.loss(s.model, s.teacher, s.target, x_hr, z_H, z_L, t_n,
-                                                                t_prev, None, generator, z_L_teacher)
+            loss, per_example, stats, x_pred = stage.objective.loss(stage.model, stage.teacher, stage.target, x_hr,
+                                                                    z_H, z_L, t_n, t_prev, None, generator, z_L_teacher)
             if cfg.gan_weight > 0:
-                l_gan = losses.g_loss(s.discriminator(x_pred), cfg.gan_loss)
+                l_gan = losses.g_loss(stage.discriminator(x_pred), cfg.gan_loss)
                 loss, stats["gan_g"] = loss + cfg.gan_weight * l_gan, l_gan.item()
-            if s.iqa is not None:  # None when off (no --clip, or --iqa-weight 0)
-                l_iqa = s.iqa(x_pred)
+            if stage.iqa is not None:  # None when off (no --clip, or --iqa-weight 0)
+                l_iqa = stage.iqa(x_pred)
                 loss, stats["iqa"] = loss + cfg.iqa_weight * l_iqa, l_iqa.item()
             stats["loss"] = loss.item()
         report.add(loss, per_example, stats, t_n)
         (loss / cfg.grad_accum).backward()
-    grad_norm = synced_step(s.optimizer, ranks, cfg.grad_clip, report.finite)
+    grad_norm = synced_step(stage.optimizer, ranks, cfg.grad_clip, report.finite)
     if grad_norm is None:
         return None
     if cfg.gan_weight > 0:  # the discriminator's turn, on the last micro-batch: x_HR is real, x_pred fake
-        s.d_optimizer.zero_grad(set_to_none=True)
+        stage.d_optimizer.zero_grad(set_to_none=True)
         with ranks.autocast():
-            d_loss = losses.d_loss(s.discriminator(x_hr), s.discriminator(x_pred.detach()), cfg.gan_loss)
+            d_loss = losses.d_loss(stage.discriminator(x_hr), stage.discriminator(x_pred.detach()), cfg.gan_loss)
         d_loss.backward()
-        synced_step(s.d_optimizer, ranks)
+        synced_step(stage.d_optimizer, ranks)
         report.stats["gan_d"] = d_loss.item()
-    update_ema(s.target, s.online, cfg.ema_decay)  # after the step, so that mu = 0 targets the updated student
+    update_ema(stage.target, stage.online, cfg.ema_decay)  # after the step: mu = 0 targets the updated student
     report.stats["grad_norm"] = grad_norm
     return report
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
 
-def train_stage(cfg, stage, dataset, val, ranks, interrupted):
-    """Build (or resume) one stage, train it to its last step with checkpoints, logs and grids; return its model."""
+def train_stage(cfg, number, dataset, val, ranks, interrupted):
+    """Build (or resume) stage `number`, train it to its last step with checkpoints, logs, grids; return its model."""
     say = tqdm.write if ranks.rank == 0 else (lambda *a, **k: None)
-    total = steps_for(cfg, stage)
-    build, train_step = (build_stage1, stage1_step) if stage == 1 else (build_stage2, stage2_step)
-    s = build(cfg, ranks.device, say)
-    say(f"stage {stage}: {sum(p.numel() for p in trainable(s.model)) / 1e6:.2f} M trainable parameters, {total} steps")
-    checkpoints = Checkpoints(cfg, s, ranks)
+    total = steps_for(cfg, number)
+    build, train_step = (build_stage1, stage1_step) if number == 1 else (build_stage2, stage2_step)
+    stage = build(cfg, ranks.device, say)
+    size = sum(p.numel() for p in trainable(stage.model)) / 1e6
+    say(f"stage {number}: {size:.2f} M trainable parameters, {total} steps")
+    checkpoints = Checkpoints(cfg, stage, ranks)
     step, window = checkpoints.resume(say)
     if step >= total:
-        return s.model
+        return stage.model
     log_path = os.path.join(cfg.out_dir, "log.jsonl") if ranks.rank == 0 else None
     if ranks.rank == 0:
-        trim_log(log_path, stage, step)
+        trim_log(log_path, number, step)
     bad_in_row, started = 0, time.time()
-    s.model.train()
-    with tqdm(total=total, initial=step, desc=f"stage {stage}", disable=ranks.rank != 0, dynamic_ncols=True) as bar:
+    stage.model.train()
+    with tqdm(total=total, initial=step, desc=f"stage {number}", disable=ranks.rank != 0, dynamic_ncols=True) as bar:
         for batch in batches(dataset, cfg.batch_size, step, total, ranks.rank, ranks.world, cfg.num_workers):
-            report = train_step(cfg, s, batch, step_generator(cfg.seed, stage, step, ranks.rank), ranks)
+            report = train_step(cfg, stage, batch, step_generator(cfg.seed, number, step, ranks.rank), ranks)
             step += 1  # a skipped step uses up its batch too
             bar.update(1)
             if report is None:
                 bad_in_row += 1
-                say(f"warning: stage {stage} step {step}: non-finite loss or gradient, step skipped "
+                say(f"warning: stage {number} step {step}: non-finite loss or gradient, step skipped "
                     f"({bad_in_row} in a row)")
                 if bad_in_row >= cfg.max_bad_steps:
                     checkpoints.save(step, window)
-                    raise TrainingError(f"stage {stage} step {step}: {bad_in_row} non-finite losses in a row "
+                    raise TrainingError(f"stage {number} step {step}: {bad_in_row} non-finite losses in a row "
                                         f"(--max-bad-steps); stopped. {checkpoints.state_path} holds the weights "
                                         "of the last good step")
             else:
@@ -352,20 +346,20 @@ def train_stage(cfg, stage, dataset, val, ranks, interrupted):
                 bar.set_postfix({k: f"{v:.4f}" for k, v in report.stats.items()
                                  if k in ("loss", "pixel_mse", "consistency")})
             if (step % cfg.log_every == 0 or step == total) and window.count:
-                window.log(stage, step, total, time.time() - started, say, log_path)
+                window.log(number, step, total, time.time() - started, say, log_path)
             if ranks.rank == 0 and val is not None and (step % cfg.val_every == 0 or step == total):
-                save_validation_grid(s.model, val, cfg.out_dir, stage, step, say)
+                save_validation_grid(stage.model, val, cfg.out_dir, number, step, say)
             stop = ranks.any(interrupted.requested)
             if step % cfg.ckpt_every == 0 or step == total or stop:
                 checkpoints.save(step, window)
             if stop:
-                say(f"interrupted: saved stage {stage} at step {step}/{total}; continue with --resume")
+                say(f"interrupted: saved stage {number} at step {step}/{total}; continue with --resume")
                 if ranks.rank == 0:
                     print(f"saved: {checkpoints.model_path}", flush=True)
                 sys.exit(0)
     if ranks.world > 1:
         dist.barrier()  # the other ranks' stage 2 reads this stage's model file
-    return s.model
+    return stage.model
 
 
 def main(argv=None):
@@ -376,10 +370,11 @@ def main(argv=None):
             ranks = setup(cfg)
             say = print if ranks.rank == 0 else (lambda *a, **k: None)
             say("config:\n" + describe(cfg), flush=True)
-            if ranks.rank == 0:
-                held.enter_context(claimed_out_dir(cfg))
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
-            dataset = open_dataset(cfg, stages, ranks.world, say)
+            if ranks.rank == 0:
+                held.enter_context(claimed_out_dir(cfg, stages))
+            length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * ranks.world  # crops to draw
+            dataset = open_dataset(cfg, length, say)
             val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None
             for stage in stages:
                 model = train_stage(cfg, stage, dataset, val, ranks, interrupted)

@@ -5,6 +5,7 @@
     Ranks           data parallelism under torchrun: the device, "any rank?", the gradient average
     synced_step     one optimizer step on gradients averaged over the ranks, skipped when not finite
     warnings_to     warnings (unreadable photos) as "warning: ..." lines
+    open_dataset    the training photos, checked once at start
     batches         the data order: step s of rank r takes fixed items, so a resumed run sees the same batches;
                     with micro_batches (--grad-accum) and step_generator (the time draws of a step)
     StepReport      what the micro-batches of one optimizer step report
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import ImageError
+from data import HRFolderDataset, ImageError
 from plumbing.flags import device_problem
 
 
@@ -131,6 +132,17 @@ def warnings_to(say):
         finally:
             for warning in caught:
                 say(f"warning: {warning.message}")
+
+
+def open_dataset(cfg, length, say):
+    """`length` HR crops (with their LR) of the photos in --data, checked once at start: unreadable files are
+    skipped with one warning each."""
+    with warnings_to(say):
+        try:
+            return HRFolderDataset(cfg.data, cfg.crop_size, 4, cfg.degradation, seed=cfg.seed, length=length,
+                                   zoom_out=cfg.zoom_out, flat_prob=cfg.flat_prob)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
 
 
 def batches(dataset, batch_size, start_step, total_steps, rank, world, num_workers):

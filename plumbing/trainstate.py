@@ -29,14 +29,20 @@ REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
 
 
 @contextlib.contextmanager
-def claimed_out_dir(cfg):
+def claimed_out_dir(cfg, stages):
     """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
-    would become training photos)."""
+    would become training photos) or one holding checkpoints of the `stages` to train, unless --resume goes on
+    from them or --overwrite starts over (the first checkpoint of a fresh run would replace them)."""
     out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
     if os.path.commonpath([out, data]) == data:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
+    earlier = [path for stage in stages for name in (f"stage{stage}.safetensors", f"stage{stage}_state.pt")
+               if os.path.exists(path := os.path.join(cfg.out_dir, name))]
+    if earlier and not (cfg.resume or cfg.overwrite):
+        raise TrainingError(f"{earlier[0]} is there from an earlier run: --resume goes on from it, --overwrite "
+                            "starts over, or give another --out-dir")
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")

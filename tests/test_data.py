@@ -370,6 +370,10 @@ def test_crop_augmentation_rotates_zooms_and_makes_some_crops_smooth():
     def detail(x):  # mean |x - its 3x3 mean|: zooming out packs more detail into a crop, blurring removes it
         return (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().mean().item()
     assert detail(zoomed) > 1.1 * detail(plain)
+    ramp = torch.linspace(0, 1, 256).expand(3, 256, 256)  # one level per pixel: a crop's span gives its window
+    zooms = [(c.max() - c.min()).item() * 255 / 31 for c in
+             (random_crop_augment(ramp, 32, torch.Generator().manual_seed(s), zoom_out=2.0) for s in range(40))]
+    assert min(zooms) < 1.2 and max(zooms) > 1.8 and all(0.99 < z < 2.01 for z in zooms)  # measured 1.00 .. 1.997
     smooth = torch.stack([random_crop_augment(photo, 32, torch.Generator().manual_seed(s), flat_prob=1.0)
                           for s in range(40)])
     assert detail(smooth) < 0.3 * detail(zoomed)
@@ -388,6 +392,9 @@ def test_smooth_crops_smaller_than_the_blur_kernel():
     photo = load_image(os.path.join(TRAIN, "astronaut.png"))[0]
     crops = [random_crop_augment(photo, 16, torch.Generator().manual_seed(s), flat_prob=1.0) for s in range(8)]
     assert all(c.shape == (3, 16, 16) for c in crops)
+    sharp_crops = [random_crop_augment(photo, 16, torch.Generator().manual_seed(s)) for s in range(8)]
+    detail = lambda x: (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().mean().item()
+    assert detail(torch.stack(crops)) < 0.3 * detail(torch.stack(sharp_crops))  # the blur did run on them
     sharp = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
     blurred = gaussian_blur(sharp, 6.0)
     assert blurred.std() < 0.2 * sharp.std() and abs(blurred.mean() - sharp.mean()) < 0.05

@@ -155,6 +155,7 @@ def test_gaussian_noise_has_the_drawn_sigma_and_gray_noise_is_shared():
     assert not torch.equal(color[0], color[1])
     gray = add_gaussian_noise(image, 10.0, gray=True, generator=seeded(0)) - image
     assert gray.abs().max() > 0 and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert abs(gray.std().item() - 10 / 255) < 0.1 * 10 / 255
 
 
 def test_poisson_noise_changes_the_image_keeps_its_mean_and_gray_is_shared():

@@ -64,7 +64,7 @@ def test_matches_scikit_video_on_real_photos(name, skvideo_niqe):
     ours = niqe(x)
     reference = skvideo_niqe(rgb_to_gray(x)[:, 0].numpy())  # (T, H, W) grey, as skvideo takes it
     assert ours.shape == (1,) and ours.dtype == torch.float64
-    assert ours.item() == pytest.approx(float(reference[0]), rel=0.01)
+    assert ours.item() == pytest.approx(float(reference[0]), rel=1e-3)  # measured: at most 1.9e-4
 
 
 def test_crop_size_not_a_multiple_of_the_patch_and_flat_images(skvideo_niqe):
@@ -73,7 +73,7 @@ def test_crop_size_not_a_multiple_of_the_patch_and_flat_images(skvideo_niqe):
                    torch.full((1, 3, 233, 301), 0.5)])
     ours = niqe(x)
     reference = skvideo_niqe(rgb_to_gray(x)[:, 0].numpy())
-    assert ours.tolist() == pytest.approx(reference.tolist(), rel=0.01)
+    assert ours.tolist() == pytest.approx(reference.tolist(), rel=1e-3)  # measured: at most 3.5e-5
     assert ours[0].item() == pytest.approx(niqe(x[:1]).item(), rel=1e-12)  # a batch scores image by image
 
 

@@ -88,6 +88,33 @@ def test_forward_is_x4():
     assert RRDBNet(**TINY)(torch.rand(2, 3, 5, 7)).shape == (2, 3, 20, 28)
 
 
+def test_forward_is_esrgans_rrdbnet():
+    """ESRGAN's RRDBNet forward written out on the module's own layers (the ncnn parity that would catch a wrong
+    residual scale or activation is opt-in): dense blocks x + 0.2 conv5(...), RRDB x + 0.2 rdb3(rdb2(rdb1(x))),
+    the body's residual, nearest x2 twice, LeakyReLU 0.2 after every conv but conv_first, conv_body, conv5 and
+    conv_last."""
+    model = RRDBNet(num_blocks=2, num_feat=5, growth=3).eval()
+    x = torch.rand(2, 3, 5, 7)
+    act = lambda h: F.leaky_relu(h, 0.2)
+
+    def rdb(m, h):
+        x1 = act(m.conv1(h))
+        x2 = act(m.conv2(torch.cat((h, x1), 1)))
+        x3 = act(m.conv3(torch.cat((h, x1, x2), 1)))
+        x4 = act(m.conv4(torch.cat((h, x1, x2, x3), 1)))
+        return h + 0.2 * m.conv5(torch.cat((h, x1, x2, x3, x4), 1))
+    with torch.no_grad():
+        feat = model.conv_first(x)
+        body = feat
+        for block in model.body:
+            body = body + 0.2 * rdb(block.rdb3, rdb(block.rdb2, rdb(block.rdb1, body)))
+        feat = feat + model.conv_body(body)
+        feat = act(model.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = act(model.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        expected = model.conv_last(act(model.conv_hr(feat)))
+        torch.testing.assert_close(model(x), expected)
+
+
 @pytest.mark.parametrize("tile", [None, 4, 5])
 def test_upscale_padding_and_tiles_line_up(tile):
     """A model that is plain nearest x4 must come out as nearest x4 of the input: every crop offset is right."""

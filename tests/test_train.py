@@ -357,6 +357,14 @@ def test_tiny_preset_trains_with_lpips_and_clip_iqa_files(photos, tmp_path):
     with open(out / "log.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert {r["stage"] for r in records} == {1, 2}, records
+    cfg = json.loads(read_metadata(out / "stage2.safetensors")["flowsr_model"])["train_config"]
     for record in records:
         terms = {"lpips"} if record["stage"] == 1 else {"hr_lpips", "iqa"}
         assert terms <= set(record) and all(math.isfinite(record[term]) for term in terms), record
+        # each step's loss is the weighted sum of its logged terms: a term that is logged but not trained on fails
+        if record["stage"] == 1:
+            expected = record["pixel_mse"] + cfg["lpips_weight"] * record["lpips"]
+        else:
+            expected = (record["consistency"] + cfg["hr_reg_weight"] * (record["hr_mse"] + cfg["lpips_weight"]
+                        * record["hr_lpips"]) + cfg["gan_weight"] * record["gan_g"] + cfg["iqa_weight"] * record["iqa"])
+        assert record["loss"] == pytest.approx(expected, rel=1e-5), record

@@ -307,6 +307,37 @@ def test_out_dir_that_is_a_file_inside_the_data_or_in_use_is_one_line(photos, tm
     one_line_error(result, "is inside --data /")
 
 
+def test_a_new_run_does_not_replace_an_earlier_one_without_overwrite(photos, tmp_path):
+    """Checkpoints of a stage to train are refused without --resume or --overwrite: a fresh run's first checkpoint
+    would replace them. Only the stages this run trains count."""
+    from test_train import one_line_error
+    out = tmp_path / "out"
+    model, _ = run(args(photos, out, "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, train.FlowSR), model
+    earlier = (out / "stage1.safetensors").read_bytes()
+    result, _ = run(args(photos, out, "--seed", "1"))
+    one_line_error(result, f"{out / 'stage1.safetensors'} is there from an earlier run", "--resume", "--overwrite")
+    assert (out / "stage1.safetensors").read_bytes() == earlier and not (out / "stage2.safetensors").exists()
+    model, _ = run(args(photos, out, "--stage", "2", "--max-steps", "1"))  # stage 2 from it: nothing replaced
+    assert isinstance(model, train.FlowSR), model
+    model, _ = run(args(photos, out, "--stage", "1", "--max-steps", "1", "--seed", "1", "--overwrite"))
+    assert isinstance(model, train.FlowSR), model
+    assert (out / "stage1.safetensors").read_bytes() != earlier
+
+
+def test_unset_values_are_the_presets(tmp_path):
+    """The blurred-smooth share of crops is the tiny preset's choice (SPEC 1); sd21 trains as SPEC 6 says."""
+    for preset, argv in (("tiny", []), ("sd21", ["--base", str(tmp_path)])):
+        cfg = train.parse(train.TrainConfig, ["--preset", preset, *argv])
+        train.setup(cfg)
+        assert cfg.flat_prob == train.PRESETS[preset]["flat_prob"] and cfg.batch_size == train.PRESETS[preset][
+            "batch_size"] and cfg.degradation == train.PRESETS[preset]["degradation"]
+    assert train.PRESETS["tiny"]["flat_prob"] == 0.3 and train.PRESETS["sd21"]["flat_prob"] == 0
+    cfg = train.parse(train.TrainConfig, ["--flat-prob", "0"])
+    train.setup(cfg)
+    assert cfg.flat_prob == 0  # 0 is a value, not "unset"
+
+
 def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypatch):
     import fcntl
 
@@ -320,22 +351,23 @@ def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypa
 def test_photos_that_break_during_training_stop_in_one_line_and_stop_the_workers(tmp_path):
     import multiprocessing
     from PIL import Image
+    from data import HRFolderDataset
     from test_train import one_line_error
     data = tmp_path / "data"
     data.mkdir()
     for name in ("a", "b"):
         Image.new("RGB", (48, 48), (90, 120, 30)).save(data / f"{name}.png")
-    real_probe = train.HRFolderDataset.__init__
+    real_probe = HRFolderDataset.__init__
 
     def break_after_the_check(self, *a, **k):  # readable at start (the probe), truncated before the first batch
         real_probe(self, *a, **k)
         for path in data.iterdir():
             path.write_bytes(path.read_bytes()[:60])
-    train.HRFolderDataset.__init__ = break_after_the_check
+    HRFolderDataset.__init__ = break_after_the_check
     try:
         result, _ = run(args(data, tmp_path / "out", "--num-workers", "1", "--val-data", ""))
     finally:
-        train.HRFolderDataset.__init__ = real_probe
+        HRFolderDataset.__init__ = real_probe
     one_line_error(result, f"{data}: no readable image left")
     assert "\n" not in result.code and not multiprocessing.active_children()  # an exit would wait on them
 
