@@ -77,7 +77,8 @@ class RectifiedSRFlow:
         self.latent_weight = latent_weight
 
     def loss(self, net, x_hr, z_H, z_L, t, context):
-        """L1 = ||D(f/s) - x_HR||^2 + lpips_weight LPIPS(D(f/s), x_HR) + latent_weight ||v - (z_L - z_H)||^2.
+        """L1 = ||D(f/s) - x_HR||^2 + lpips_weight LPIPS(D(f/s), x_HR) + latent_weight ||v - (z_L - z_H)||^2, each
+        ||.||^2 a mean over elements (per example).
 
         Returns (loss scalar, per-example loss (B,) detached, stats dict of floats).
         """

@@ -43,9 +43,11 @@ FLOWSR_PROMPT = ("A high-resolution, 8K, ultra-realistic image with sharp focus,
 FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268, 16157, 2867, 593, 8157,
                      4353, 267, 14270, 5389, 267, 537, 3288, 5799, 269, 49407)
 SD2_PAD_ID = 0
-TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate: the gate is half open at local contrast FLAT_CONTRAST + k
+TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate ([-1, 1] units: 2.55 grey levels): half open at FLAT_CONTRAST + k
 TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead
-FLAT_CONTRAST = 3 * 2 / 255  # FlowSR.detail_gate: local contrast under three 8-bit grey levels is not detail
+# FlowSR.detail_gate: local contrast under three 8-bit grey levels (x2 / 255: images are in [-1, 1]) is not detail.
+# A pixel beside a step edge of h levels has contrast h / 3, so edges under 9 levels count as flat.
+FLAT_CONTRAST = 3 * 2 / 255
 
 # LoRA targets of the sd21 preset: the UNet's resnet, attention, feed-forward, sampler and output layers (all
 # but conv_in and the time embedding's MLP; the choice of OSEDiff-style one-step SR fine-tunes), and every
@@ -55,7 +57,12 @@ UNET_LORA_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv", "conv_out", "pro
 
 
 def tiny_unet_config(latent_channels=48, context_dim=32):
-    """A 3.9 M parameter UNet for the pixel autoencoder's 48-channel latents: trains on a laptop CPU."""
+    """A 3.9 M parameter UNet for the pixel autoencoder's 48-channel latents: trains on a laptop CPU.
+
+    It keeps SD's block types, so that one UNet class serves both presets; with the tiny preset's fixed zero
+    context (no prompt) the cross-attention layers add a constant (to_k / to_v have no bias) and only the
+    self-attention in those blocks looks at the image.
+    """
     return UNetConfig(in_channels=latent_channels, out_channels=latent_channels, block_out_channels=(64, 128),
                       layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=context_dim,
@@ -87,6 +94,10 @@ class PixelHead(nn.Module):
 
 
 class FlowSR(nn.Module):
+    """The velocity v(z, t) = g(z) * h(UNet(z, 1000 t, c), z) of FlowSR's flow, with its autoencoder (`ae`: E and
+    D) and fixed context c. sd21: h and g are the identity (the UNet's output is the velocity); tiny: h is the
+    PixelHead and g the detail gate, each optional. `super_resolve` below runs it on images."""
+
     def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, pixel_head=0):
         super().__init__()
         if (flat_gate or pixel_head) and not isinstance(ae, PixelAutoencoder):

@@ -138,13 +138,11 @@ def lora_parameters(model, adapter=None):
             for p in part[adapter or layer.adapter].parameters()]
 
 
-def mark_only_lora_trainable(model, train_modules=()):
-    """Freeze everything but the LoRA weights and the modules named in ``train_modules`` (e.g. "conv_in")."""
+def mark_only_lora_trainable(model):
+    """Freeze everything but the LoRA weights."""
     model.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
-    for name in _matching_modules(model, train_modules):
-        model.get_submodule(name).requires_grad_(True)
 
 
 def lora_state_dict(model):

@@ -11,9 +11,9 @@ The pipeline is flowsr.super_resolve: up(x_LR) -> z_L = s * E(x) -> flow.sample 
 the shifted grid) -> D(z_H / s) -> colour fix, following the published FlowSR inference code (SPEC 7).
 This file is the command line around it: files in and out, flags, errors, and torchrun.
 
-Files: any image Pillow reads (EXIF orientation applied; 16-bit, grayscale, palette and CMYK become
-8-bit RGB). Transparency is not super-resolved: the alpha channel is upscaled on its own (bicubic) and
-written back (dropped for a JPEG output). A bad input gives one error line and the others go on; the
+Files: any image Pillow reads (EXIF orientation applied; grayscale, palette and CMYK become RGB; 16-bit
+and float images are read at full precision). Transparency is not super-resolved: the alpha channel is
+upscaled on its own (bicubic) and written back (dropped for a JPEG output). A bad input gives one error line and the others go on; the
 exit code is 1 if any failed. Outputs are written atomically, never over an input, and over an
 existing file only with --overwrite. Folders and glob patterns skip earlier results (NAME_x4.png and
 NAME_x4_compare.png); a file named on its own is always processed.

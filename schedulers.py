@@ -6,7 +6,8 @@ Flow time t runs from 1 (the LR latent z_L) to 0 (the HR latent z_H). Three grid
 - adjacent pairs (t_n > t_{n-1}) of stage 2, from the fast or the slow uniform grid
   ("fast-slow timestep scheduling", `sample_adjacent_pairs`);
 - the sampling grid (`flow_match_sigmas`): the flow-matching grid with shift 3, identical to
-  diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0), which the published checkpoint used. The
+  diffusers' FlowMatchEulerDiscreteScheduler(shift=3.0), which the published checkpoint used (so
+  `sample.py --steps N` runs on it, not on the fast grid the student was distilled on). The
   time shift is SD3's: Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
   Image Synthesis" (ICML).
 

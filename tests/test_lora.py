@@ -259,9 +259,9 @@ def test_fresh_lora_is_identity_and_only_lora_trains():
     assert model.conv1.lora_B.default.weight.shape == (6, 3, 1, 1)
     assert model.attn1.to_q.scale == 8 / 3
 
-    lora.mark_only_lora_trainable(model, train_modules=["conv_in"])
+    lora.mark_only_lora_trainable(model)
     lora_keys = {f"{m}.lora_{ab}.default.weight" for m in ("conv1", "attn1.to_q", "attn1.to_out.0") for ab in "AB"}
-    assert set(lora.lora_state_dict(model)) == lora_keys | {"conv_in.weight", "conv_in.bias"}
+    assert set(lora.lora_state_dict(model)) == lora_keys
     assert {id(p) for p in lora.lora_parameters(model)} == {id(p) for n, p in model.named_parameters()
                                                             if n in lora_keys}
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_fresh_lora_is_identity_and_only_lora_trains():
             p.normal_()
     model(x).square().sum().backward()
     for name, p in model.named_parameters():
-        trains = name in lora_keys or name.startswith("conv_in.")
+        trains = name in lora_keys
         assert (p.grad is not None and p.grad.abs().sum() > 0) == trains, name
 
 
