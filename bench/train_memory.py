@@ -119,7 +119,7 @@ def worker(cfg):
             "--data", os.path.join(ROOT, "photos", "train"), "--val-data", os.path.join(ROOT, "photos", "heldout"),
             "--crop-size", str(cfg.crop), "--batch-size", str(cfg.batch_size), "--max-steps", str(cfg.steps),
             "--num-workers", str(cfg.num_workers), "--log-every", "1", "--val-every", "1000000",
-            "--ckpt-every", "1000000", "--device", cfg.device]
+            "--ckpt-every", "1000000", "--device", cfg.device, "--overwrite"]  # a run of an earlier call is redone
     built, times = {}, []
     build, step = (train.build_stage1, train.stage1_step) if cfg.worker == 1 else (train.build_stage2, train.stage2_step)
 
