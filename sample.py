@@ -62,8 +62,8 @@ class SampleConfig:
     upsample: str = flag("model", "up(x_LR) mode (model: the one it was trained with; published weights: bilinear)",
                          choices=("model", "bilinear", "bicubic"))
     tile_size: int = flag(-1, "latent tile size of the velocity network (0: no tiles; -1: the model's own, 96 for "
-                          "SD as the published code, 256 for the tiny model)")
-    tile_overlap: int = flag(32, "latent tile overlap")
+                          "SD as the published code, 64 for the tiny model)")
+    tile_overlap: int = flag(-1, "latent tile overlap (-1: the model's own, 32 for SD, 16 for the tiny model)")
     vae_tile_size: int = flag(768, "largest VAE tile in image pixels; larger images run in equal overlapping tiles "
                                    "(0: no tiles)")
     posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does",
@@ -81,12 +81,17 @@ class SampleConfig:
     quiet: bool = flag(False, "print errors only", short="-q")
 
 
+def model_tiles(cfg, model):
+    """(latent tile size, overlap) of the velocity network: the flags, or the model's own where they are -1."""
+    return (model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size,
+            model.default_tile_overlap if cfg.tile_overlap < 0 else cfg.tile_overlap)
+
+
 def super_resolve(model, lr, cfg, generator=None, progress=False):
     """lr: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1], with the options of the command line."""
     return flowsr.super_resolve(model, lr, cfg.steps, cfg.shift, cfg.color_fix,
                                 None if cfg.upsample == "model" else cfg.upsample,
-                                model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size, cfg.tile_overlap,
-                                cfg.vae_tile_size, cfg.posterior, generator, progress)
+                                *model_tiles(cfg, model), cfg.vae_tile_size, cfg.posterior, generator, progress)
 
 
 # ---- files -----------------------------------------------------------------------------------------------
@@ -227,8 +232,8 @@ def check_flags(cfg, n_inputs):
         return "--shift must be a positive number"
     if cfg.tile_size < -1 or cfg.vae_tile_size < 0:
         return "tile sizes must be >= 0 (--tile-size -1: the model's own)"
-    if cfg.tile_overlap < 0:
-        return "--tile-overlap must be >= 0"
+    if cfg.tile_overlap < -1:
+        return "--tile-overlap must be >= 0 (-1: the model's own)"
     if cfg.max_pixels < 1:
         return "--max-pixels must be positive"
     if cfg.batch_size < 1:
@@ -250,9 +255,9 @@ def check_tiles(cfg, model):
     unet_factor = model.pad_multiple // model.ae.downscale
     if cfg.tile_size > 0 and cfg.tile_size % unet_factor:
         return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
-    tile = model.default_tile_size if cfg.tile_size < 0 else cfg.tile_size
-    if tile and cfg.tile_overlap >= tile:
-        return f"--tile-overlap {cfg.tile_overlap} must be under the latent tile size {tile}"
+    tile, overlap = model_tiles(cfg, model)
+    if tile and overlap >= tile:
+        return f"--tile-overlap {overlap} must be under the latent tile size {tile}"
     if cfg.vae_tile_size % model.ae.downscale:
         return f"--vae-tile-size {cfg.vae_tile_size} must be a multiple of {model.ae.downscale} for this model"
     return None

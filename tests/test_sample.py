@@ -316,8 +316,9 @@ def test_an_input_given_twice_is_done_once_and_dashes_end_the_flags(models, tmp_
     (["--shift", "nan"], "--shift must be a positive number"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap 32 must be under the latent tile size 32"),
-    (["--tile-overlap", "256"], "--tile-overlap 256 must be under the latent tile size 256"),  # the model's own
-    (["--tile-overlap", "-1"], "--tile-overlap must be >= 0"),
+    (["--tile-overlap", "64"], "--tile-overlap 64 must be under the latent tile size 64"),  # the model's own
+    (["--tile-size", "16"], "--tile-overlap 16 must be under the latent tile size 16"),  # the model's own overlap
+    (["--tile-overlap", "-2"], "--tile-overlap must be >= 0 (-1: the model's own)"),
     (["--tile-size", "33"], "--tile-size 33 must be a multiple of 2"),
     (["--device", "nonsense"], "--device nonsense: not a device"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -665,6 +666,22 @@ def test_bundled_model_tiled_close_to_untiled(degraded_photo):
                                                                          "16"]))
     diff = (tiled - untiled).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.2
+
+
+@needs_bundled
+def test_bundled_model_runs_in_its_own_tiles():
+    """The tiny model's default is tiles of 64 latent pixels with overlap 16 (its attention learned on 16 x 16
+    latents; one pass over a large image is slower and scored lower): an 80 x 80 latent is tiled by default."""
+    from data import load_image
+    from degradations import degrade_bicubic
+    model = FlowSR.load(BUNDLED)
+    assert (model.default_tile_size, model.default_tile_overlap) == (64, 16)
+    lr = degrade_bicubic(load_image(os.path.join(PHOTOS, "heldout", "coffee.png"))[0][:, :320, :320], 4)[None]
+    default = sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x"]))
+    explicit = sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--tile-size", "64", "--tile-overlap",
+                                                                           "16"]))
+    untiled = sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--tile-size", "0"]))
+    assert torch.equal(default, explicit) and not torch.equal(default, untiled)
 
 
 # ---- the real command line --------------------------------------------------------------------------------
