@@ -266,8 +266,12 @@ def build_stage2(cfg, device, say):
 
 
 def stage2_step(cfg, stage, batch, generator, ranks):
-    """One optimizer step of the student, then of the discriminator, then the EMA update of the target: the
-    student's StepReport, or None when its step was skipped (not finite), and then nothing was updated."""
+    """One step of stage 2 (SPEC 3-5), in this order:
+        1. latents z_H, z_L and an adjacent pair of times t_n > t_{n-1} from the fast or the slow grid;
+        2. the distillation (consistency.py): the teacher's Euler step to z_hat, the EMA target's endpoint there,
+           L_CD + lambda_HR L_HR, and the student's prediction x_pred; + lambda_GAN L_GAN + lambda_IQA L_IQA on it;
+        3. the student's optimizer step, then the discriminator's (x_HR real, x_pred fake), then the EMA update.
+    Returns the student's StepReport, or None when its step was skipped (not finite) and nothing was updated."""
     stage.optimizer.zero_grad(set_to_none=True)
     report = StepReport(cfg.grad_accum)
     for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):
