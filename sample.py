@@ -268,10 +268,10 @@ def native_bf16(device):
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return major >= 8, f"CUDA compute capability {major}.{minor}"  # Ampere and newer have bf16 tensor cores
-    if device.type == "cpu":
-        if torch.cpu._is_amx_tile_supported():
+    if device.type == "cpu":  # torch's probes are private: a torch without them is taken to have neither
+        if getattr(torch.cpu, "_is_amx_tile_supported", bool)():
             return True, "CPU with AMX"
-        if torch.cpu._is_avx512_bf16_supported():
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", bool)():
             return True, "CPU with AVX512-BF16"
         return False, "CPU without AMX or AVX512-BF16"
     return False, f"{device.type} device"

@@ -710,6 +710,13 @@ def test_auto_dtype_takes_bf16_only_where_the_cpu_computes_it(monkeypatch, amx, 
     assert sample.pick_dtype("bf16", torch.device("cpu"))[0] == "bf16"
 
 
+def test_auto_dtype_without_torchs_private_cpu_probes_is_fp32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    dtype, why = sample.pick_dtype("auto", torch.device("cpu"))
+    assert dtype == "fp32" and "without AMX or AVX512-BF16" in why
+
+
 @pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")])
 def test_auto_dtype_on_cuda_needs_ampere_or_newer(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
