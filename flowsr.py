@@ -46,7 +46,8 @@ SD2_PAD_ID = 0
 TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate ([-1, 1] units: 2.55 grey levels): half open at FLAT_CONTRAST + k
 TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead
 # FlowSR.detail_gate: local contrast under three 8-bit grey levels (x2 / 255: images are in [-1, 1]) is not detail.
-# A pixel beside a step edge of h levels has contrast h / 3, so edges under 9 levels count as flat.
+# The contrast is zero on a linear ramp: in the bicubic up-sampling the gate reads, an LR step edge stays under
+# this floor up to about 65 levels, so only stronger edges and fine texture open the gate.
 FLAT_CONTRAST = 3 * 2 / 255
 
 # LoRA targets of the sd21 preset: the UNet's resnet, attention, feed-forward, sampler and output layers (all

@@ -12,7 +12,7 @@ the shifted grid) -> D(z_H / s) -> colour fix, following the published FlowSR in
 This file is the command line around it: files in and out, flags, errors, and torchrun.
 
 Files: any image Pillow reads (EXIF orientation applied; grayscale, palette and CMYK become RGB; 16-bit
-and float images are read at full precision). Transparency is not super-resolved: the alpha channel is
+grayscale and float images are read at full precision, 16-bit RGB as Pillow gives it, in 8 bits). Transparency is not super-resolved: the alpha channel is
 upscaled on its own (bicubic) and written back (dropped for a JPEG output). A bad input gives one error line and the others go on; the
 exit code is 1 if any failed. Outputs are written atomically, never over an input, and over an
 existing file only with --overwrite. Folders and glob patterns skip earlier results (NAME_x4.png and
@@ -256,6 +256,8 @@ def check_tiles(cfg, model):
     if cfg.tile_size > 0 and cfg.tile_size % unet_factor:
         return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
     tile, overlap = model_tiles(cfg, model)
+    if tile and overlap >= tile and cfg.tile_overlap < 0:
+        return f"--tile-size {tile} must be over the model's own tile overlap {overlap} (or give --tile-overlap)"
     if tile and overlap >= tile:
         return f"--tile-overlap {overlap} must be under the latent tile size {tile}"
     if cfg.vae_tile_size % model.ae.downscale:

@@ -129,6 +129,8 @@ def setup(cfg):
     for key, marker in unset.items():
         if getattr(cfg, key) == marker:
             setattr(cfg, key, defaults[key])
+    if cfg.flat_prob < 0:
+        raise TrainingError(f"--flat-prob {cfg.flat_prob}: must be in [0, 1] (-1: the preset's)")
     if cfg.grad_checkpointing == "auto":
         cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
     if cfg.preset == "sd21" and not cfg.base:
@@ -266,12 +268,11 @@ def build_stage2(cfg, device, say):
 
 
 def stage2_step(cfg, stage, batch, generator, ranks):
-    """One step of stage 2 (SPEC 3-5), in this order:
-        1. latents z_H, z_L and an adjacent pair of times t_n > t_{n-1} from the fast or the slow grid;
-        2. the distillation (consistency.py): the teacher's Euler step to z_hat, the EMA target's endpoint there,
-           L_CD + lambda_HR L_HR, and the student's prediction x_pred; + lambda_GAN L_GAN + lambda_IQA L_IQA on it;
-        3. the student's optimizer step, then the discriminator's (x_HR real, x_pred fake), then the EMA update.
-    Returns the student's StepReport, or None when its step was skipped (not finite) and nothing was updated."""
+    """One step of stage 2 (SPEC 3-5): 1. latents z_H, z_L and adjacent times t_n > t_{n-1} (fast or slow grid);
+    2. the distillation (consistency.py): the teacher's Euler step to z_hat, the EMA target's endpoint there,
+    L_CD + lambda_HR L_HR and the student's x_pred, + lambda_GAN L_GAN + lambda_IQA L_IQA on it; 3. the student's
+    optimizer step, the discriminator's (x_HR real, x_pred fake), the EMA update. Returns the student's
+    StepReport, or None when its step was skipped (not finite) and nothing was updated."""
     stage.optimizer.zero_grad(set_to_none=True)
     report = StepReport(cfg.grad_accum)
     for x_hr, x_lr in micro_batches(batch, cfg.grad_accum, ranks.device):

@@ -11,8 +11,9 @@ degraded x4 three ways: clean bicubic, bicubic then JPEG 75, Real-ESRGAN's pipel
 PSNR-Y / SSIM-Y measure fidelity, NIQE (no reference) how natural the output looks: blur can win on PSNR alone.
 Rows: bicubic; Real-ESRGAN x4plus (bench/realesrgan.py), what a practitioner would use instead, its outputs
 cached in the work dir; stage 1 with N Euler steps on the shifted grid (the method's sampler) and on the
-uniform grid; the one-step stage-2 rows; the bundled model. Flow models run flowsr.super_resolve here without
-tiles (they only bound memory, which these small models do not need); seconds are inference only.
+uniform grid; the one-step stage-2 rows; the bundled model. Flow models run flowsr.super_resolve here in one
+pass, without tiles, so the numbers are the models' own (sample.py tiles the tiny model's latents by 64, which
+bench/tiles.py measures); seconds are inference only.
 Flat content (each held-out photo blurred, rocket's sky; bicubic inputs): a super-resolver must add nothing.
 Writes bench/results/reproduce{,_smoke}.{json,md} and crops{,_smoke}.png.
 """

@@ -17,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
-from evaluate import niqe, psnr_y  # noqa: E402
+from evaluate import NIQE_MIN_SIZE, niqe, psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from report import run_main  # noqa: E402
@@ -35,25 +35,30 @@ class TilesConfig:
     threads: int = flag(2, "torch threads", low=1)
 
 
-def parse_tiles(entries):
+def parse_tiles(entries, multiple):
+    """[(size, overlap)] of the SIZE/OVERLAP entries: sizes that the UNet can take (multiples of `multiple`)."""
     try:
         tiles = [tuple(int(n) for n in entry.split("/")) for entry in entries]
     except ValueError:
         tiles = []
-    if not tiles or any(len(t) != 2 or t[1] < 0 or (t[0] and t[1] >= t[0]) for t in tiles):
-        raise ValueError(f"--tiles {' '.join(entries)}: give SIZE/OVERLAP pairs with 0 <= OVERLAP < SIZE, or 0/0")
+    if not tiles or any(len(t) != 2 or t[1] < 0 or t[0] % multiple or (t[0] and t[1] >= t[0]) for t in tiles):
+        raise ValueError(f"--tiles {' '.join(entries)}: give SIZE/OVERLAP pairs with 0 <= OVERLAP < SIZE and SIZE a "
+                         f"multiple of {multiple}, or 0/0")
     return tiles
 
 
 def main(argv=None):
     cfg = parse(TilesConfig, argv)
-    tiles = parse_tiles(cfg.tiles)
     print("config:\n" + describe(cfg))
     torch.set_num_threads(cfg.threads)
     model = FlowSR.load(cfg.checkpoint).eval()
+    tiles = parse_tiles(cfg.tiles, model.pad_multiple // model.ae.downscale)
     if not os.path.isdir(cfg.heldout):
         raise ValueError(f"--heldout {cfg.heldout}: no such folder")
     images = heldout_set(cfg)
+    small = [name for name, hr, _ in images if min(hr.shape[1:]) < NIQE_MIN_SIZE]
+    if small:
+        raise ValueError(f"NIQE needs photos of at least {NIQE_MIN_SIZE} px a side: {', '.join(small)} (--crop?)")
     print(f"{len(images)} photos: " + ", ".join(f"{name} {hr.shape[2]}x{hr.shape[1]}" for name, hr, _ in images))
     print("| latent tiles | s | " + " | ".join(f"{KINDS[kind]} PSNR-Y / NIQE" for kind in KINDS) + " |")
     print("|---|---|" + "---|" * len(KINDS))

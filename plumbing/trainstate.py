@@ -32,17 +32,11 @@ REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
 def claimed_out_dir(cfg, stages):
     """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
-    would become training photos) or one holding checkpoints of the `stages` to train, unless --resume goes on
-    from them or --overwrite starts over (the first checkpoint of a fresh run would replace them)."""
+    would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
     out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
     if os.path.commonpath([out, data]) == data:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
-    earlier = [path for stage in stages for name in (f"stage{stage}.safetensors", f"stage{stage}_state.pt")
-               if os.path.exists(path := os.path.join(cfg.out_dir, name))]
-    if earlier and not (cfg.resume or cfg.overwrite):
-        raise TrainingError(f"{earlier[0]} is there from an earlier run: --resume goes on from it, --overwrite "
-                            "starts over, or give another --out-dir")
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "w")
@@ -57,7 +51,20 @@ def claimed_out_dir(cfg, stages):
         except OSError as e:  # file systems without flock (some network ones) fail otherwise: run unguarded there
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it") from None
+        check_nothing_replaced(cfg, stages)
         yield
+
+
+def check_nothing_replaced(cfg, stages):
+    """A fresh run would replace the checkpoints of `stages` at its first save: refused, unless --overwrite. (A
+    model file without its state file is a checkpoint whose commit was cut short: --resume starts that stage over.)"""
+    if cfg.resume and cfg.overwrite:
+        raise TrainingError("--resume goes on from the checkpoints that --overwrite would replace: give one of them")
+    for stage in () if cfg.overwrite else stages:
+        model, state = (os.path.join(cfg.out_dir, f"stage{stage}{ext}") for ext in (".safetensors", "_state.pt"))
+        if not cfg.resume and (os.path.exists(model) or os.path.exists(state)):
+            raise TrainingError(f"{model if os.path.exists(model) else state} is there from an earlier run: --resume "
+                                "goes on from it, --overwrite starts over, or give another --out-dir")
 
 
 def stage1_path(cfg):
@@ -155,7 +162,7 @@ def load_into(stage, path, signature, teacher, cfg, say):
                             "move it away to start stage 2 over")
     old = json.loads(state["config"])
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in old and old[k] != v and k != "resume"]
+               if k in old and old[k] != v and k not in ("resume", "overwrite")]
     if set(state["model"]) != {n for n, p in stage.model.named_parameters() if p.requires_grad}:
         raise TrainingError(f"{path}: its trainable weights do not match this run's model"
                             + (f" (changed settings: {', '.join(changed)})" if changed else ""))
@@ -192,7 +199,9 @@ class Checkpoints:
         """(step, log window) to go on from: the state file's with --resume (when there is one), else (0, empty)."""
         if not (self.cfg.resume and os.path.exists(self.state_path)):
             if self.cfg.resume:
-                say(f"note: --resume: no {self.state_path}; stage {self.stage.number} starts at step 0")
+                replaced = f" ({self.model_path}, written without it, is replaced)" if os.path.exists(
+                    self.model_path) else ""
+                say(f"note: --resume: no {self.state_path}; stage {self.stage.number} starts at step 0{replaced}")
             return 0, LogWindow()
         self.saved_step, window = load_into(self.stage, self.state_path, self.signature, self.teacher, self.cfg, say)
         if self.ranks.rank == 0 and not os.path.exists(self.model_path):  # the state holds its weights

@@ -317,7 +317,7 @@ def test_an_input_given_twice_is_done_once_and_dashes_end_the_flags(models, tmp_
     (["--steps", "0"], "--steps must be at least 1"),
     (["--tile-size", "32", "--tile-overlap", "32"], "--tile-overlap 32 must be under the latent tile size 32"),
     (["--tile-overlap", "64"], "--tile-overlap 64 must be under the latent tile size 64"),  # the model's own
-    (["--tile-size", "16"], "--tile-overlap 16 must be under the latent tile size 16"),  # the model's own overlap
+    (["--tile-size", "16"], "--tile-size 16 must be over the model's own tile overlap 16 (or give --tile-overlap)"),
     (["--tile-overlap", "-2"], "--tile-overlap must be >= 0 (-1: the model's own)"),
     (["--tile-size", "33"], "--tile-size 33 must be a multiple of 2"),
     (["--device", "nonsense"], "--device nonsense: not a device"),

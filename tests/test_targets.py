@@ -107,3 +107,26 @@ def test_reproduce_checks_its_scoring_flags_before_training(tmp_path, argv, mess
         reproduce.main([arg.format(tmp=tmp_path) for arg in argv] + ["--work-dir", str(work_dir)])
     assert str(stop.value).startswith("error: ") and message in str(stop.value)
     assert not work_dir.exists()  # nothing trained, nothing written
+
+
+def test_tiles_bench_scores_each_tiling_and_refuses_what_it_cannot_run(tmp_path, capsys):
+    """bench/tiles.py: its one-pass row is super_resolve without tiles, and a tiled row is another computation."""
+    import tiles
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(os.path.join(PHOTOS, "heldout", "coffee.png")).convert("RGB").crop((0, 0, 320, 208)).save(
+        photos / "coffee.png")
+    checkpoint = tmp_path / "random.safetensors"
+    torch.manual_seed(0)
+    FlowSR.tiny(flat_gate=0.0).save(checkpoint)  # random weights, no gate: tiles change its output
+    tiles.main(["--heldout", str(photos), "--checkpoint", str(checkpoint), "--tiles", "0/0", "32/8", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| one pass", "| 32 / 8"]
+    hr = load_image(photos / "coffee.png")[0]
+    model = FlowSR.load(checkpoint).eval()
+    clean = to_8bit(super_resolve(model, degrade_bicubic(hr, 4)[None], 1, tile_size=0, vae_tile_size=0))
+    assert rows[0].split(" | ")[2].startswith(f"{psnr_y(clean, hr[None]).item():.3f} / ")
+    assert rows[1].split(" | ")[2] != rows[0].split(" | ")[2]
+    for bad in (["--tiles", "33/8"], ["--tiles", "32/32"], ["--tiles", "x"], ["--crop", "160"]):
+        with pytest.raises(ValueError, match="--tiles|NIQE needs photos of at least 193 px"):
+            tiles.main(["--heldout", str(photos), "--checkpoint", str(checkpoint), *bad])

@@ -320,9 +320,18 @@ def test_a_new_run_does_not_replace_an_earlier_one_without_overwrite(photos, tmp
     assert (out / "stage1.safetensors").read_bytes() == earlier and not (out / "stage2.safetensors").exists()
     model, _ = run(args(photos, out, "--stage", "2", "--max-steps", "1"))  # stage 2 from it: nothing replaced
     assert isinstance(model, train.FlowSR), model
+    result, _ = run(args(photos, out, "--stage", "1", "--resume", "--overwrite"))
+    one_line_error(result, "--resume goes on from the checkpoints that --overwrite would replace")
     model, _ = run(args(photos, out, "--stage", "1", "--max-steps", "1", "--seed", "1", "--overwrite"))
     assert isinstance(model, train.FlowSR), model
     assert (out / "stage1.safetensors").read_bytes() != earlier
+    (out / "stage2.safetensors").unlink()  # a state file alone is an earlier run too
+    result, _ = run(args(photos, out, "--stage", "2", "--max-steps", "1"))
+    one_line_error(result, f"{out / 'stage2_state.pt'} is there from an earlier run")
+    (out / "stage1_state.pt").unlink()  # a checkpoint whose commit was cut short (killed between the two files)
+    model, stdout = run(args(photos, out, "--stage", "1", "--max-steps", "1", "--resume"))
+    assert isinstance(model, train.FlowSR) and f"no {out / 'stage1_state.pt'}; stage 1 starts at step 0 (" \
+        f"{out / 'stage1.safetensors'}, written without it, is replaced)" in stdout
 
 
 def test_unset_values_are_the_presets(tmp_path):
@@ -336,6 +345,8 @@ def test_unset_values_are_the_presets(tmp_path):
     cfg = train.parse(train.TrainConfig, ["--flat-prob", "0"])
     train.setup(cfg)
     assert cfg.flat_prob == 0  # 0 is a value, not "unset"
+    with pytest.raises(train.TrainingError, match=r"--flat-prob -0\.5: must be in \[0, 1\] \(-1: the preset's\)"):
+        train.setup(train.parse(train.TrainConfig, ["--flat-prob", "-0.5"]))
 
 
 def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypatch):
