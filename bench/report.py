@@ -9,8 +9,10 @@ import torch
 
 from plumbing.weights import WeightsError, first_line, write_atomic
 
-CPU_FLAGS = (("amx", torch.cpu._is_amx_tile_supported), ("avx512_bf16", torch.cpu._is_avx512_bf16_supported),
-             ("avx512", torch.cpu._is_avx512_supported), ("avx2", torch.cpu._is_avx2_supported))
+# torch's CPU probes are private: one that a torch lacks reads as False
+CPU_FLAGS = tuple((flag, getattr(torch.cpu, probe, bool)) for flag, probe in (
+    ("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"),
+    ("avx512", "_is_avx512_supported"), ("avx2", "_is_avx2_supported")))
 
 
 def machine():
