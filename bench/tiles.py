@@ -72,7 +72,8 @@ def main(argv=None):
                     scores[kind].append((psnr_y(sr, hr[None]).item(), niqe(sr).item()))
             seconds = time.perf_counter() - start  # NIQE's share is the same in every row
             label = f"{size} / {overlap}" if size else "one pass"
-            cells = [f"{sum(p for p, _ in s) / len(s):.3f} / {sum(q for _, q in s) / len(s):.2f}" for s in scores.values()]
+            cells = [f"{sum(p for p, _ in s) / len(s):.3f} / {sum(q for _, q in s) / len(s):.2f}"
+                     for s in scores.values()]
             print(f"| {label} | {seconds:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
