@@ -14,9 +14,9 @@ This file is the command line around it: files in and out, flags, errors, and to
 Files: any image Pillow reads (EXIF orientation applied; grayscale, palette and CMYK become RGB; 16-bit
 grayscale and float images are read at full precision, 16-bit RGB as Pillow gives it, in 8 bits). Transparency
 is not super-resolved: the alpha channel is upscaled on its own (bicubic) and written back (dropped for a JPEG
-output). A bad input gives one error line and the others go on; the exit code is 1 if any failed. Outputs are written atomically, never over an input, and over an
-existing file only with --overwrite. Folders and glob patterns skip earlier results (NAME_x4.png and
-NAME_x4_compare.png); a file named on its own is always processed.
+output). A bad input gives one error line and the others go on; the exit code is 1 if any failed. Outputs
+are written atomically, never over an input, and over an existing file only with --overwrite. Folders and glob
+patterns skip earlier results (NAME_x4.png and NAME_x4_compare.png); a file named on its own is always processed.
 """
 import glob
 import os
