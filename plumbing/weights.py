@@ -226,7 +226,10 @@ def fsync_and_rename(tmp, path):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder as a file (nor fsync one); the file is in place
+        return
     try:
         os.fsync(dir_fd)
     finally:

@@ -188,3 +188,16 @@ def test_load_strict_assigns_onto_the_meta_device():
     weights.load_strict(model, good, "good.safetensors")
     assert not any(p.is_meta for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
+
+
+def test_atomic_write_where_a_folder_cannot_be_opened(tmp_path, monkeypatch):
+    """Windows cannot open (or fsync) a folder: the write still succeeds, with the file in place."""
+    real_open = os.open
+
+    def no_folders(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", no_folders)
+    weights.write_atomic(tmp_path / "a.txt", lambda f: f.write(b"written"))
+    assert (tmp_path / "a.txt").read_bytes() == b"written" and os.listdir(tmp_path) == ["a.txt"]
