@@ -259,6 +259,7 @@ def build_stage2(cfg, device, say):
     distillation = ConsistencyFlowDistillation(model.ae, load_lpips(cfg, device, say), cfg.hr_reg_weight,
                                                cfg.lpips_weight, cfg.distance, cfg.huber_c, cfg.gt_at_zero,
                                                cfg.perturb_std)
+    # Real-ESRGAN's discriminator (64 features; 32 for the tiny preset) with DCGAN's Adam betas: our choices
     discriminator = losses.UNetDiscriminatorSN(num_feat=32 if cfg.preset == "tiny" else 64).to(device)
     d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
                    if cfg.gan_weight > 0 else None)
