@@ -34,7 +34,7 @@ def claimed_out_dir(cfg, stages):
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
     would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
     out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
-    if os.path.commonpath([out, data]) == data:
+    if os.path.splitdrive(out)[0] == os.path.splitdrive(data)[0] and os.path.commonpath([out, data]) == data:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
     try:

@@ -349,6 +349,21 @@ def test_unset_values_are_the_presets(tmp_path):
         train.setup(train.parse(train.TrainConfig, ["--flat-prob", "-0.5"]))
 
 
+def test_out_dir_on_another_drive_than_the_data_trains(photos, tmp_path, monkeypatch):
+    """On Windows two drives have no common path (os.path.commonpath raises ValueError): not "inside --data"."""
+    out = tmp_path / "out"
+
+    def drive(path):
+        return ("D:" if os.fspath(path).startswith(os.fspath(out)) else "C:"), os.fspath(path)
+
+    def no_common_path(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(os.path, "splitdrive", drive)
+    monkeypatch.setattr(os.path, "commonpath", no_common_path)
+    model, _ = run(args(photos, out, "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, train.FlowSR), model
+
+
 def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypatch):
     import fcntl
 
