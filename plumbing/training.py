@@ -231,7 +231,7 @@ class LogWindow:
             + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
         if path is not None:
             try:
-                with open(path, "a") as f:
+                with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
             except OSError as e:  # the line above said it; training goes on to its next checkpoint
                 say(f"warning: {path}: {e}")

@@ -147,7 +147,7 @@ def trim_log(path, stage, step):
         except (ValueError, KeyError, TypeError):
             return False  # a line torn by a kill
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             kept = "".join(filter(keep, f)).encode()
         write_atomic(path, lambda out: out.write(kept))
 

@@ -157,7 +157,7 @@ def read_metadata(path):
 def read_json(path):
     path = os.fspath(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the system's locale
             return json.load(f)
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such file") from None

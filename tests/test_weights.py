@@ -201,3 +201,20 @@ def test_atomic_write_where_a_folder_cannot_be_opened(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", no_folders)
     weights.write_atomic(tmp_path / "a.txt", lambda f: f.write(b"written"))
     assert (tmp_path / "a.txt").read_bytes() == b"written" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_json_and_logs_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """vocab.json holds non-ASCII tokens; Windows' default text encoding is the locale's (cp1252), not UTF-8.
+    Run with Python's warning for any open() that leaves the encoding to the locale (PEP 597) as an error."""
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "vocab.json").write_bytes(json.dumps({"Ġthe": 1, "é</w>": 2}, ensure_ascii=False).encode("utf-8"))
+    (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 1}\n', encoding="utf-8")
+    code = ("import sys; from plumbing.weights import read_json; from plumbing.trainstate import trim_log; "
+            f"assert read_json({str(tmp_path / 'vocab.json')!r}) == {{'Ġthe': 1, 'é</w>': 2}}; "
+            f"trim_log({str(tmp_path / 'log.jsonl')!r}, 1, 1)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning", "-c", code],
+                            cwd=root, capture_output=True, text=True, encoding="utf-8")
+    assert result.returncode == 0, result.stderr[-2000:]
