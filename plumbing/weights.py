@@ -213,7 +213,9 @@ def write_atomic(path, write):
     try:
         with open(tmp, "wb") as f:  # not mkstemp, whose files are private (0600) whatever the umask
             write(f)
-        fsync_and_rename(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())  # through the handle that wrote it: Windows cannot flush a read-only one
+        rename_durably(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -222,9 +224,8 @@ def write_atomic(path, write):
         raise
 
 
-def fsync_and_rename(tmp, path):
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+def rename_durably(tmp, path):
+    """Put the written and fsynced `tmp` in place of `path`, and fsync the folder so that the rename survives."""
     os.replace(tmp, path)
     try:
         dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)

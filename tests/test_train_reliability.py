@@ -186,14 +186,14 @@ def test_sigterm_saves_and_exits_cleanly(photos, reference, tmp_path):
 def disk_full_at(suffix):
     """The second write of OUT_DIR/<suffix> fails as on a full disk: half the temporary file written, then ENOSPC."""
     def inject(monkeypatch):
-        original, calls = weights.fsync_and_rename, itertools.count(1)
+        original, calls = weights.rename_durably, itertools.count(1)
 
-        def fsync_and_rename(tmp, path):
+        def rename_durably(tmp, path):
             if path.endswith(suffix) and next(calls) == 2:
                 os.truncate(tmp, os.path.getsize(tmp) // 2)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return original(tmp, path)
-        monkeypatch.setattr(weights, "fsync_and_rename", fsync_and_rename)
+        monkeypatch.setattr(weights, "rename_durably", rename_durably)
     return inject
 
 

@@ -190,15 +190,23 @@ def test_load_strict_assigns_onto_the_meta_device():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
 
 
-def test_atomic_write_where_a_folder_cannot_be_opened(tmp_path, monkeypatch):
-    """Windows cannot open (or fsync) a folder: the write still succeeds, with the file in place."""
-    real_open = os.open
+def test_atomic_write_as_on_windows(tmp_path, monkeypatch):
+    """Windows cannot open (or fsync) a folder, and fsyncs only a handle open for writing (FlushFileBuffers needs
+    GENERIC_WRITE): the write still succeeds, with the file in place."""
+    import fcntl
+    real_open, real_fsync = os.open, os.fsync
 
     def no_folders(path, flags, *args):
         if os.path.isdir(path):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, flags, *args)
+
+    def fsync_writable_only(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+        return real_fsync(fd)
     monkeypatch.setattr(os, "open", no_folders)
+    monkeypatch.setattr(os, "fsync", fsync_writable_only)
     weights.write_atomic(tmp_path / "a.txt", lambda f: f.write(b"written"))
     assert (tmp_path / "a.txt").read_bytes() == b"written" and os.listdir(tmp_path) == ["a.txt"]
 
