@@ -275,8 +275,8 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
     images, notes, errors = [], [], []
     for name, sr_path, gt_path in pairs:
         try:
-            sr = data.load_image(sr_path)[0][None].to(device)  # (1, 3, H, W); alpha is not scored
-            gt = data.load_image(gt_path)[0][None].to(device) if gt_path else None
+            sr = data.load_image(sr_path)[0][None]  # (1, 3, H, W); alpha is not scored
+            gt = data.load_image(gt_path)[0][None] if gt_path else None
         except data.ImageError as e:
             errors.append(f"{name}: {e}")
             continue
@@ -287,9 +287,11 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
         row = {"name": name, "sr": sr_path, "gt": gt_path, **dict.fromkeys(METRICS)}
         if gt is not None:
             try:
+                # PSNR, SSIM and NIQE compute in float64 on the CPU (MPS has no float64); the networks on theirs
+                on_device = sr.to(device), gt.to(device)
                 row.update(psnr_y=psnr_y(sr, gt).item(), ssim_y=ssim_y(sr, gt).item(),
-                           lpips=lpips(sr * 2 - 1, gt * 2 - 1).item() if lpips is not None else None,
-                           dists=dists(sr, gt).item() if dists is not None else None)
+                           lpips=lpips(*(x * 2 - 1 for x in on_device)).item() if lpips is not None else None,
+                           dists=dists(*on_device).item() if dists is not None else None)
             except ValueError as e:
                 errors.append(f"{name}: {e}")
                 continue

@@ -134,6 +134,25 @@ def test_cli_writes_json_lists_missing_and_fails_on_size_mismatch(folders, tmp_p
     assert main(["--sr", str(sr), "--gt", str(gt)]) == 0
 
 
+def test_metrics_stay_on_the_cpu_while_the_networks_run_on_their_device(folders):
+    """PSNR / SSIM / NIQE compute in float64, which an MPS device lacks: only LPIPS / DISTS get the images on the
+    network's device (here 'meta', which computes nothing, standing in for it)."""
+    sr, gt, _, _ = folders
+    seen = []
+
+    class NetworkOnAnotherDevice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+
+        def forward(self, x, y):
+            seen.append((x.device.type, y.device.type))
+            return torch.tensor(0.25)
+    report = evaluate_folders(sr, gt, lpips=NetworkOnAnotherDevice())
+    assert seen == [("meta", "meta")] * 2 and [row["lpips"] for row in report["images"]] == [0.25, 0.25]
+    assert report["images"][1]["psnr_y"] == float("inf")  # b: identical images, scored on the CPU
+
+
 def test_cli_rejects_unknown_flags_and_requires_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--sr", str(tmp_path), "--gt", str(tmp_path), "--psnr-crop", "4"])
