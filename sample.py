@@ -99,7 +99,7 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
 def is_result(path):
     """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
     stem, extension = os.path.splitext(os.path.basename(path))
-    return extension.lower() == ".png" and stem.endswith((SR_SUFFIX, COMPARE_SUFFIX))
+    return extension.lower() == ".png" and stem.lower().endswith((SR_SUFFIX, COMPARE_SUFFIX))
 
 
 def expand_inputs(patterns):
@@ -127,29 +127,35 @@ def names_a_file(output):
     return extension in IMAGE_EXTENSIONS or extension in Image.registered_extensions()
 
 
+def same_file(path):
+    """A key equal for two names of one file: Windows' and macOS's file systems ignore case (Cat.png is cat.png)."""
+    path = os.path.realpath(path)
+    return os.path.normcase(path).casefold() if sys.platform in ("win32", "darwin") else path
+
+
 def plan_outputs(paths, cfg):
     """([(input, output)], errors): one output per input (an input given twice is done once), no output file
     (nor its --compare image) an input or another input's output."""
-    inputs = {os.path.realpath(p) for p, _ in paths}
+    inputs = {same_file(p) for p, _ in paths}
     jobs, errors, taken, done = [], [], {}, set()
     for path, relative in paths:
-        if os.path.realpath(path) in done:
+        if same_file(path) in done:
             continue
-        done.add(os.path.realpath(path))
+        done.add(same_file(path))
         name = os.path.splitext(relative)[0] + SR_SUFFIX + ".png"
         if not cfg.output:
             out = os.path.join(os.path.dirname(path), os.path.basename(name))
         else:
             out = cfg.output if names_a_file(cfg.output) else os.path.join(cfg.output, name)
-        written = [os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])]
-        over_input = [p for p in written if p in inputs]
-        over_output = [p for p in written if p in taken]
+        written = {same_file(p): os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])}
+        over_input = [p for key, p in written.items() if key in inputs]
+        over_output = [(p, taken[key]) for key, p in written.items() if key in taken]
         if over_input:
             errors.append(f"{path}: its output {over_input[0]} is an input; it is never overwritten")
         elif over_output:
-            errors.append(f"{path}: its output {over_output[0]} is also an output of {taken[over_output[0]]}")
+            errors.append(f"{path}: its output {over_output[0][0]} is also an output of {over_output[0][1]}")
         else:
-            taken.update((p, path) for p in written)
+            taken.update((key, path) for key in written)
             jobs.append((path, out))
     return jobs, errors
 

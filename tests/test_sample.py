@@ -289,6 +289,18 @@ def test_overwrite_and_inputs_are_never_overwritten(models, tmp_path, capsys):
     assert os.path.exists(tmp_path / "c_x4_compare_x4.png") and not os.path.exists(tmp_path / "c_x4.png")
 
 
+@pytest.mark.parametrize("platform, clash", [("darwin", True), ("win32", True), ("linux", False)])
+def test_outputs_that_differ_only_in_case_clash_where_the_file_system_ignores_case(tmp_path, monkeypatch, platform,
+                                                                                    clash):
+    """Cat.png and cat.jpg make Cat_x4.png and cat_x4.png: one file on Windows and (by default) macOS."""
+    upper, lower = write(tmp_path / "Cat.png", photo(12, 12)), write(tmp_path / "cat.jpg", photo(12, 12))
+    monkeypatch.setattr(sys, "platform", platform)
+    jobs, errors = sample.plan_outputs([(upper, "Cat.png"), (lower, "cat.jpg")], parse(sample.SampleConfig, ["x"]))
+    assert (errors == [f"{lower}: its output {tmp_path / 'cat_x4.png'} is also an output of {upper}"]) == clash
+    assert len(jobs) == (1 if clash else 2)
+    assert sample.is_result("SHOT_X4.png") and sample.is_result("a_x4_Compare.PNG")
+
+
 def test_output_that_is_an_existing_other_file_is_refused_before_the_model_runs(models, tmp_path, capsys):
     a, notes = write(tmp_path / "a.png", photo(12, 12)), tmp_path / "notes.txt"
     notes.write_text("mine")
