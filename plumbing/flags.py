@@ -61,6 +61,9 @@ def with_default(help, default):
 
 def parse(config_cls, argv=None, description=None):
     """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
+    for stream in (sys.stdout, sys.stderr):  # a console that cannot show a file name's characters (Windows' code
+        if hasattr(stream, "reconfigure"):  # page, output redirected) escapes them rather than stopping the run
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser(config_cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)
     dashes = argv.index("--") if "--" in argv else len(argv)  # what follows "--" is inputs, even "-x.png"

@@ -352,6 +352,18 @@ def test_help_gives_each_default_once():
     assert "(default: )" not in text and text.count("(default:") == text.count("default")
 
 
+def test_a_console_that_cannot_show_a_file_name_does_not_stop_the_run(models, tmp_path, monkeypatch):
+    """Windows writes redirected output in its ANSI code page, strictly: a name outside it must not end the run."""
+    import io
+    photo_path, other = write(tmp_path / "写真.png", photo(12, 12)), write(tmp_path / "b.png", photo(12, 12))
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", console)
+    code = sample.main([str(photo_path), str(other), "--checkpoint", models.identity, "--dtype", "fp32"])
+    console.flush()
+    assert code == 0 and os.path.exists(tmp_path / "写真_x4.png") and os.path.exists(tmp_path / "b_x4.png")
+    assert b"\\u5199\\u771f_x4.png" in console.buffer.getvalue()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_device(models, tmp_path, capsys):
     code, _, err = run(capsys, write(tmp_path / "a.png", photo(12, 12)), "--device", "cuda", "--checkpoint",
