@@ -73,7 +73,8 @@ class Ranks:
 
     @classmethod
     def start(cls, device="auto"):
-        """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one; pick the device."""
+        """Join torchrun's process group (gloo on CPU, nccl on GPU where torch has it: not on Windows) when there is
+        one; pick the device."""
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         problem = device_problem(device)
@@ -82,8 +83,10 @@ class Ranks:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
+        if world > 1 and device == "mps":
+            raise TrainingError("--device mps trains in one process (torch.distributed has no backend for it)")
         if world > 1:
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
         return cls(rank, world, torch.device(device))
 
     def autocast(self):

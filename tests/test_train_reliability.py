@@ -441,3 +441,20 @@ def test_warnings_while_training_are_one_line_each(capfd, workers):
     assert len(list(batches(WarningDataset(), 2, 0, 2, 0, 1, workers))) == 2
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert sorted(lines) == [f"warning: skipping photo{i}.png: not a readable image" for i in range(4)]
+
+
+@pytest.mark.parametrize("nccl", [True, False])
+def test_process_group_backend_is_one_the_platform_has(monkeypatch, nccl):
+    """NCCL exists on Linux only: CUDA ranks elsewhere (Windows) use gloo; MPS has no backend and is refused."""
+    from plumbing import training
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(training.dist, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(training.dist, "init_process_group", backends.append)
+    training.Ranks.start("cuda")
+    assert backends == ["nccl" if nccl else "gloo"]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(training.TrainingError, match=r"--device mps trains in one process"):
+        training.Ranks.start("mps")
