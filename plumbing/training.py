@@ -33,13 +33,17 @@ class TrainingError(Exception):
     """A training run that cannot go on; the message is one line."""
 
 
+# What asks a run to stop: Ctrl-C, a scheduler's SIGTERM and, on Windows, Ctrl-Break
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())
+
+
 class Interrupted:
-    """While active, SIGINT / SIGTERM ask the loop to save and stop after the current step (a second SIGINT
-    stops at once); on exit the previous handlers come back."""
+    """While active, STOP_SIGNALS ask the loop to save and stop after the current step (a second SIGINT stops at
+    once); on exit the previous handlers come back."""
 
     def __enter__(self):
         self.requested = False
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -53,9 +57,9 @@ class Interrupted:
 
 
 def init_worker(worker_id):
-    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves before it stops, and say
-    their warnings (a photo skipped) in one line."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    """DataLoader workers leave STOP_SIGNALS to the main process, which saves before it stops, and say their
+    warnings (a photo skipped) in one line."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     warnings.showwarning = say_warning
 
@@ -234,7 +238,7 @@ class LogWindow:
             + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
         if path is not None:
             try:
-                with open(path, "a", encoding="utf-8") as f:
+                with open(path, "a", encoding="utf-8", newline="\n") as f:  # as trim_log rewrites it
                     f.write(json.dumps({"stage": stage, "step": step, **means, "loss_by_t": by_t}) + "\n")
             except OSError as e:  # the line above said it; training goes on to its next checkpoint
                 say(f"warning: {path}: {e}")

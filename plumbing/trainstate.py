@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import sys
 
 import torch
 
@@ -34,7 +35,10 @@ def claimed_out_dir(cfg, stages):
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
     would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
     out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
-    if os.path.splitdrive(out)[0] == os.path.splitdrive(data)[0] and os.path.commonpath([out, data]) == data:
+    out_key, data_key = (os.path.normcase(p).casefold() if sys.platform in ("win32", "darwin") else p  # ignore case
+                         for p in (out, data))  # where their file systems do
+    if os.path.splitdrive(out)[0] == os.path.splitdrive(data)[0] and \
+            os.path.commonpath([out_key, data_key]) == data_key:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
     try:

@@ -349,6 +349,15 @@ def test_unset_values_are_the_presets(tmp_path):
         train.setup(train.parse(train.TrainConfig, ["--flat-prob", "-0.5"]))
 
 
+def test_out_dir_inside_the_data_in_another_case_where_case_is_ignored(photos, tmp_path, monkeypatch):
+    """macOS and Windows file systems ignore case: PHOTOS/run is inside photos/ there."""
+    from test_train import one_line_error
+    monkeypatch.setattr(sys, "platform", "darwin")
+    out = os.path.join(os.path.dirname(photos), os.path.basename(photos).upper(), "run")
+    result, _ = run(args(photos, out))
+    one_line_error(result, f"--out-dir {out} is inside --data {photos}")
+
+
 def test_out_dir_on_another_drive_than_the_data_trains(photos, tmp_path, monkeypatch):
     """On Windows two drives have no common path (os.path.commonpath raises ValueError): not "inside --data"."""
     out = tmp_path / "out"
