@@ -160,7 +160,14 @@ def batches(dataset, batch_size, start_step, total_steps, rank, world, num_worke
              for step in range(start_step, total_steps) for j in range(batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
                                          num_workers=num_workers, worker_init_fn=init_worker)
-    iterator = iter(loader)
+    # Spawned workers (macOS, Windows) take this moment's signal dispositions and keep ignored ones: a Ctrl-C
+    # while they import torch must not kill them before init_worker runs, so the stop signals are ignored here
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        iterator = iter(loader)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     try:
         with warnings.catch_warnings():  # without workers, the photos are read here
             warnings.showwarning = say_warning

@@ -467,3 +467,24 @@ def test_process_group_backend_is_one_the_platform_has(monkeypatch, nccl):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(training.TrainingError, match=r"--device mps trains in one process"):
         training.Ranks.start("mps")
+
+
+def test_workers_are_created_while_the_stop_signals_are_ignored(photos, monkeypatch):
+    """With the spawn start method (macOS, Windows) a worker imports torch for seconds before init_worker runs, and
+    a Ctrl-C then killed it and the run with it. A process keeps the signals ignored when it was created, so the
+    workers are created while SIGINT / SIGTERM are ignored; the run's own handlers are back right after."""
+    from data import HRFolderDataset
+    from plumbing import training
+    seen, real_iter = [], torch.utils.data.DataLoader.__iter__
+
+    def recording_iter(loader):
+        seen.append({sig: signal.getsignal(sig) for sig in training.STOP_SIGNALS})
+        return real_iter(loader)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", recording_iter)
+    dataset = HRFolderDataset(str(photos), 32, 4, "bicubic", seed=0, length=4)
+    with training.Interrupted() as interrupted:
+        generator = training.batches(dataset, 2, 0, 2, 0, 1, num_workers=0)
+        next(generator)
+        assert signal.getsignal(signal.SIGINT) == interrupted.request
+        generator.close()
+    assert seen == [dict.fromkeys(training.STOP_SIGNALS, signal.SIG_IGN)]
