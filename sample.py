@@ -35,6 +35,7 @@ from data import (COMPARE_SUFFIX, IMAGE_EXTENSIONS, SAVE_FORMATS, SR_SUFFIX, Ima
                   save_image)
 from flowsr import FlowSR
 from plumbing.flags import describe, device_problem, flag, parse
+from plumbing.paths import case_insensitive, path_key
 from plumbing.weights import WeightsError, first_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,7 +100,8 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
 def is_result(path):
     """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
     stem, extension = os.path.splitext(os.path.basename(path))
-    return extension.lower() == ".png" and stem.lower().endswith((SR_SUFFIX, COMPARE_SUFFIX))
+    stem = stem.casefold() if case_insensitive() else stem
+    return extension.lower() == ".png" and stem.endswith((SR_SUFFIX, COMPARE_SUFFIX))
 
 
 def expand_inputs(patterns):
@@ -127,33 +129,28 @@ def names_a_file(output):
     return extension in IMAGE_EXTENSIONS or extension in Image.registered_extensions()
 
 
-def same_file(path):
-    """A key equal for two names of one file: Windows' and macOS's file systems ignore case (Cat.png is cat.png)."""
-    path = os.path.realpath(path)
-    return os.path.normcase(path).casefold() if sys.platform in ("win32", "darwin") else path
-
-
 def plan_outputs(paths, cfg):
     """([(input, output)], errors): one output per input (an input given twice is done once), no output file
     (nor its --compare image) an input or another input's output."""
-    inputs = {same_file(p) for p, _ in paths}
+    inputs = {path_key(p) for p, _ in paths}
     jobs, errors, taken, done = [], [], {}, set()
     for path, relative in paths:
-        if same_file(path) in done:
+        if path_key(path) in done:
             continue
-        done.add(same_file(path))
+        done.add(path_key(path))
         name = os.path.splitext(relative)[0] + SR_SUFFIX + ".png"
         if not cfg.output:
             out = os.path.join(os.path.dirname(path), os.path.basename(name))
         else:
             out = cfg.output if names_a_file(cfg.output) else os.path.join(cfg.output, name)
-        written = {same_file(p): os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])}
+        written = {path_key(p): os.path.realpath(p) for p in [out] + ([compare_path(out)] if cfg.compare else [])}
         over_input = [p for key, p in written.items() if key in inputs]
         over_output = [(p, taken[key]) for key, p in written.items() if key in taken]
         if over_input:
             errors.append(f"{path}: its output {over_input[0]} is an input; it is never overwritten")
         elif over_output:
-            errors.append(f"{path}: its output {over_output[0][0]} is also an output of {over_output[0][1]}")
+            clash, other_input = over_output[0]
+            errors.append(f"{path}: its output {clash} is also an output of {other_input}")
         else:
             taken.update((key, path) for key in written)
             jobs.append((path, out))

@@ -5,6 +5,7 @@
     diffusers_configs.py  diffusers config.json -> the UNet's and the VAE's configs, refusing what SD does not use
     checkpoints.py        FlowSR checkpoint files: the full kind (tiny preset) and the published LoRA layout
     flags.py              a dataclass config as the command line: every field a --flag, unknown flags are errors
+    paths.py              file names as the file system compares them (case ignored on Windows and macOS)
     trainstate.py         the resumable training state train.py writes and --resume reads, and its checkpoints
     training.py           train.py's loop machinery: signals, data parallelism, data order, log windows
     validation.py         train.py's validation grids

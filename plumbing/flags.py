@@ -4,7 +4,8 @@ Each script (train.py, sample.py, evaluate.py) declares its settings as a datacl
 `flag(default, help)`. `parse(Config, argv)` turns that into an argparse parser (`--max-steps` for
 `max_steps`; booleans get `--x/--no-x`), rejects unknown flags, and returns the filled dataclass;
 `describe(config)` prints it at start and `asdict(config)` is what checkpoints store; `device_problem` checks
-a --device value.
+a --device value. `parse` also makes a strict console escape what it cannot show (a file name outside Windows'
+code page), so that printing one does not end a run.
 """
 import argparse
 import dataclasses
@@ -62,7 +63,7 @@ def with_default(help, default):
 def parse(config_cls, argv=None, description=None):
     """Parse argv (None = sys.argv[1:]) into config_cls; unknown flags exit with an error."""
     for stream in (sys.stdout, sys.stderr):  # a console that cannot show a file name's characters (Windows' code
-        if hasattr(stream, "reconfigure"):  # page, output redirected) escapes them rather than stopping the run
+        if getattr(stream, "errors", None) == "strict":  # page, output redirected) escapes them, not stops the run
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser(config_cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)

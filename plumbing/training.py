@@ -1,7 +1,7 @@
 """The machinery of train.py's loop: what keeps a long run safe, reproducible and readable, not what it learns.
 
     TrainingError   a run that cannot go on: one line for the user, which train.py prints before it exits
-    Interrupted     SIGINT / SIGTERM ask the loop to save and stop after the current step
+    Interrupted     SIGINT / SIGTERM (STOP_SIGNALS) ask the loop to save and stop after the current step
     Ranks           data parallelism under torchrun: the device, "any rank?", the gradient average
     synced_step     one optimizer step on gradients averaged over the ranks, skipped when not finite
     warnings_to     warnings (unreadable photos) as "warning: ..." lines
@@ -87,7 +87,7 @@ class Ranks:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-        if world > 1 and device == "mps":
+        if world > 1 and torch.device(device).type == "mps":
             raise TrainingError("--device mps trains in one process (torch.distributed has no backend for it)")
         if world > 1:
             dist.init_process_group("nccl" if device.startswith("cuda") and dist.is_nccl_available() else "gloo")
@@ -160,14 +160,17 @@ def batches(dataset, batch_size, start_step, total_steps, rank, world, num_worke
              for step in range(start_step, total_steps) for j in range(batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=True,
                                          num_workers=num_workers, worker_init_fn=init_worker)
-    # Spawned workers (macOS, Windows) take this moment's signal dispositions and keep ignored ones: a Ctrl-C
-    # while they import torch must not kill them before init_worker runs, so the stop signals are ignored here
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    # A spawned worker (macOS) imports torch for seconds before init_worker ignores the stop signals; a Ctrl-C
+    # then killed it and the run. Workers are created with them blocked, which they keep (POSIX); one that comes
+    # meanwhile waits and reaches the main process's handler when they are unblocked here.
+    blocking = num_workers > 0 and hasattr(signal, "pthread_sigmask")
+    if blocking:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         iterator = iter(loader)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         with warnings.catch_warnings():  # without workers, the photos are read here
             warnings.showwarning = say_warning

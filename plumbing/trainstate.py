@@ -17,11 +17,11 @@ import errno
 import io
 import json
 import os
-import sys
 
 import torch
 
 from plumbing.checkpoints import METADATA_KEY, recorded_upsample
+from plumbing.paths import path_key
 from plumbing.training import LogWindow, TrainingError
 from plumbing.weights import first_line, json_object, read_metadata, tensors_digest, write_atomic
 
@@ -34,16 +34,14 @@ def claimed_out_dir(cfg, stages):
     """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
     would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
-    out, data = os.path.realpath(cfg.out_dir or "."), os.path.realpath(cfg.data)
-    out_key, data_key = (os.path.normcase(p).casefold() if sys.platform in ("win32", "darwin") else p  # ignore case
-                         for p in (out, data))  # where their file systems do
-    if os.path.splitdrive(out)[0] == os.path.splitdrive(data)[0] and \
+    out, out_key, data_key = os.path.realpath(cfg.out_dir or "."), path_key(cfg.out_dir or "."), path_key(cfg.data)
+    if os.path.splitdrive(out_key)[0] == os.path.splitdrive(data_key)[0] and \
             os.path.commonpath([out_key, data_key]) == data_key:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "w")
+        lock = open(os.path.join(out, ".lock"), "w", encoding="utf-8")
     except OSError as e:
         raise TrainingError(f"--out-dir {cfg.out_dir}: {first_line(e)}") from None
     with lock:

@@ -138,6 +138,8 @@ def test_metrics_stay_on_the_cpu_while_the_networks_run_on_their_device(folders)
     """PSNR / SSIM / NIQE compute in float64, which an MPS device lacks: only LPIPS / DISTS get the images on the
     network's device (here 'meta', which computes nothing, standing in for it)."""
     sr, gt, _, _ = folders
+    big = photo("coffee.png", (0, 0, 200, 200))  # NIQE needs 193 px: it is scored too
+    save(big, gt / "f.png"), save(big, sr / "f.png")
     seen = []
 
     class NetworkOnAnotherDevice(torch.nn.Module):
@@ -149,8 +151,9 @@ def test_metrics_stay_on_the_cpu_while_the_networks_run_on_their_device(folders)
             seen.append((x.device.type, y.device.type))
             return torch.tensor(0.25)
     report = evaluate_folders(sr, gt, lpips=NetworkOnAnotherDevice())
-    assert seen == [("meta", "meta")] * 2 and [row["lpips"] for row in report["images"]] == [0.25, 0.25]
+    assert seen == [("meta", "meta")] * 3 and [row["lpips"] for row in report["images"]] == [0.25] * 3
     assert report["images"][1]["psnr_y"] == float("inf")  # b: identical images, scored on the CPU
+    assert report["images"][2]["name"] == "f" and report["images"][2]["niqe"] > 0
 
 
 def test_cli_rejects_unknown_flags_and_requires_folders(tmp_path, capsys):

@@ -465,26 +465,30 @@ def test_process_group_backend_is_one_the_platform_has(monkeypatch, nccl):
     training.Ranks.start("cuda")
     assert backends == ["nccl" if nccl else "gloo"]
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    with pytest.raises(training.TrainingError, match=r"--device mps trains in one process"):
-        training.Ranks.start("mps")
+    for device in ("mps", "mps:0"):
+        with pytest.raises(training.TrainingError, match=r"--device mps trains in one process"):
+            training.Ranks.start(device)
 
 
-def test_workers_are_created_while_the_stop_signals_are_ignored(photos, monkeypatch):
-    """With the spawn start method (macOS, Windows) a worker imports torch for seconds before init_worker runs, and
-    a Ctrl-C then killed it and the run with it. A process keeps the signals ignored when it was created, so the
-    workers are created while SIGINT / SIGTERM are ignored; the run's own handlers are back right after."""
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+def test_workers_are_created_with_the_stop_signals_blocked_and_none_is_lost(photos, monkeypatch):
+    """A spawned worker (macOS) imports torch for seconds before init_worker runs, and a Ctrl-C then killed it and
+    the run. Workers are created with SIGINT / SIGTERM blocked (they keep that mask); a signal that comes
+    meanwhile reaches the run's handler once they are unblocked: the run still saves and stops."""
     from data import HRFolderDataset
     from plumbing import training
-    seen, real_iter = [], torch.utils.data.DataLoader.__iter__
+    blocked, real_iter = [], torch.utils.data.DataLoader.__iter__
 
-    def recording_iter(loader):
-        seen.append({sig: signal.getsignal(sig) for sig in training.STOP_SIGNALS})
+    def iter_under_a_sigterm(loader):
+        blocked.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # the mask now
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's SIGTERM while the workers start
         return real_iter(loader)
-    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", recording_iter)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iter_under_a_sigterm)
     dataset = HRFolderDataset(str(photos), 32, 4, "bicubic", seed=0, length=4)
     with training.Interrupted() as interrupted:
-        generator = training.batches(dataset, 2, 0, 2, 0, 1, num_workers=0)
-        next(generator)
-        assert signal.getsignal(signal.SIGINT) == interrupted.request
+        generator = training.batches(dataset, 2, 0, 2, 0, 1, num_workers=1)
+        assert next(generator)["hr"].shape == (2, 3, 32, 32)
         generator.close()
-    assert seen == [dict.fromkeys(training.STOP_SIGNALS, signal.SIG_IGN)]
+        assert interrupted.requested  # delivered after the unblock, not lost
+    assert set(training.STOP_SIGNALS) <= blocked[0]
+    assert not set(training.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
