@@ -153,7 +153,12 @@ class FlowSR(nn.Module):
     @property
     def pad_multiple(self):
         """Input sizes must divide by this: the autoencoder's and the UNet's down-sampling together."""
-        return self.ae.downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.ae.downscale * self.tile_multiple
+
+    @property
+    def tile_multiple(self):
+        """Latent tile sizes must divide by this: the UNet's down-sampling."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def upsample_lr(self, x_lr, mode=None):
         """up(x_LR): (B, 3, h, w) -> (B, 3, 4h, 4w), in the model's mode unless `mode` is given."""

@@ -135,9 +135,10 @@ def plan_outputs(paths, cfg):
     inputs = {path_key(p) for p, _ in paths}
     jobs, errors, taken, done = [], [], {}, set()
     for path, relative in paths:
-        if path_key(path) in done:
+        key = path_key(path)
+        if key in done:
             continue
-        done.add(path_key(path))
+        done.add(key)
         name = os.path.splitext(relative)[0] + SR_SUFFIX + ".png"
         if not cfg.output:
             out = os.path.join(os.path.dirname(path), os.path.basename(name))
@@ -255,9 +256,8 @@ def check_flags(cfg, n_inputs):
 def check_tiles(cfg, model):
     """Tiles go through the networks whole, so they must divide by what the networks down-sample by, and
     consecutive tiles must advance (an overlap under the tile size, the model's own with --tile-size -1)."""
-    unet_factor = model.pad_multiple // model.ae.downscale
-    if cfg.tile_size > 0 and cfg.tile_size % unet_factor:
-        return f"--tile-size {cfg.tile_size} must be a multiple of {unet_factor} for this model"
+    if cfg.tile_size > 0 and cfg.tile_size % model.tile_multiple:
+        return f"--tile-size {cfg.tile_size} must be a multiple of {model.tile_multiple} for this model"
     tile, overlap = model_tiles(cfg, model)
     if tile and overlap >= tile and cfg.tile_overlap < 0:
         return f"--tile-size {tile} must be over the model's own tile overlap {overlap} (or give --tile-overlap)"

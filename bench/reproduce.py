@@ -121,19 +121,27 @@ def heldout_set(cfg):
     return items
 
 
-def checked_heldout_set(cfg):
-    """heldout_set, after checking the flags that only the scoring reads; exits with one line."""
+def niqe_heldout_set(cfg):
+    """heldout_set of --heldout, every photo large enough for NIQE; ValueError (one line) otherwise."""
     if not os.path.isdir(cfg.heldout):
-        sys.exit(f"error: --heldout {cfg.heldout}: no such folder")
-    steps = cfg.euler_steps + cfg.uniform_steps
-    if not all(n.isdigit() and int(n) >= 1 for n in steps):
-        sys.exit(f"error: --euler-steps / --uniform-steps take whole numbers >= 1, got {' '.join(steps)}")
+        raise ValueError(f"--heldout {cfg.heldout}: no such folder")
     images = heldout_set(cfg)
     small = [f"{name} {hr.shape[2]}x{hr.shape[1]}" for name, hr, _ in images if min(hr.shape[1:]) < NIQE_MIN_SIZE]
     if small:
-        sys.exit(f"error: {', '.join(small)}: under {NIQE_MIN_SIZE} px a side (after the cut to multiples of 16), "
-                 "too small for NIQE")
+        raise ValueError(f"{', '.join(small)}: under {NIQE_MIN_SIZE} px a side (after the cut to multiples of 16); "
+                         f"NIQE needs photos of at least {NIQE_MIN_SIZE} px")
     return images
+
+
+def checked_heldout_set(cfg):
+    """niqe_heldout_set, after checking the flags that only the scoring reads; exits with one line."""
+    steps = cfg.euler_steps + cfg.uniform_steps
+    if not all(n.isdigit() and int(n) >= 1 for n in steps):
+        sys.exit(f"error: --euler-steps / --uniform-steps take whole numbers >= 1, got {' '.join(steps)}")
+    try:
+        return niqe_heldout_set(cfg)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def flat_set(cfg, images):

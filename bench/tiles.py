@@ -17,11 +17,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
-from evaluate import NIQE_MIN_SIZE, niqe, psnr_y  # noqa: E402
+from evaluate import niqe, psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from report import run_main  # noqa: E402
-from reproduce import KINDS, heldout_set, to_8bit  # noqa: E402
+from reproduce import KINDS, niqe_heldout_set, to_8bit  # noqa: E402
 
 
 @dataclass
@@ -52,13 +52,8 @@ def main(argv=None):
     print("config:\n" + describe(cfg))
     torch.set_num_threads(cfg.threads)
     model = FlowSR.load(cfg.checkpoint).eval()
-    tiles = parse_tiles(cfg.tiles, model.pad_multiple // model.ae.downscale)
-    if not os.path.isdir(cfg.heldout):
-        raise ValueError(f"--heldout {cfg.heldout}: no such folder")
-    images = heldout_set(cfg)
-    small = [name for name, hr, _ in images if min(hr.shape[1:]) < NIQE_MIN_SIZE]
-    if small:
-        raise ValueError(f"NIQE needs photos of at least {NIQE_MIN_SIZE} px a side: {', '.join(small)} (--crop?)")
+    tiles = parse_tiles(cfg.tiles, model.tile_multiple)
+    images = niqe_heldout_set(cfg)
     print(f"{len(images)} photos: " + ", ".join(f"{name} {hr.shape[2]}x{hr.shape[1]}" for name, hr, _ in images))
     print("| latent tiles | s | " + " | ".join(f"{KINDS[kind]} PSNR-Y / NIQE" for kind in KINDS) + " |")
     print("|---|---|" + "---|" * len(KINDS))
