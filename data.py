@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,13 @@ SAVE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg":
 
 class ImageError(ValueError):
     """An image file that cannot be used; the message is one line naming the file."""
+
+
+class Picture(NamedTuple):
+    """An image file's content as the models and the writer need it."""
+    rgb: torch.Tensor  # (3, H, W) in [0, 1]
+    alpha: torch.Tensor | None  # (1, H, W) in [0, 1], or None: opaque
+    icc_profile: bytes | None  # the RGB colour space the values are in (ICC), or None: sRGB as usual
 
 
 @contextlib.contextmanager
@@ -84,12 +92,24 @@ def _to_tensors(image, path):
     return pil_to_tensor(image.convert("RGB")).float() / 255, alpha
 
 
+def _rgb_profile(image):
+    """The file's ICC profile if it describes RGB values (a phone's Display P3, a camera's Adobe RGB), else None.
+
+    The network maps RGB values to RGB values, so the output is in the input's colour space and carries its
+    profile; without it a colour-managed viewer shows a P3 photo's upscale duller than the photo. A grey or
+    CMYK profile no longer applies once the pixels are converted to RGB, so it is dropped."""
+    profile = image.info.get("icc_profile")
+    if image.mode in ("RGB", "RGBA", "RGBX", "P", "PA") and profile and profile[16:20] == b"RGB ":
+        return profile  # bytes 16..19 of an ICC header name the data colour space
+    return None
+
+
 def load_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):
-    """Read an image file as (rgb (3, H, W) in [0, 1], alpha (1, H, W) or None), EXIF orientation applied."""
+    """Read an image file as a Picture (rgb, alpha or None, RGB colour profile or None), EXIF orientation applied."""
     path = os.fspath(path)
     with _open_checked(path, max_pixels, min_size) as image:
         image.load()  # decode everything now, so a truncated file fails here and not later
-        return _to_tensors(ImageOps.exif_transpose(image), path)
+        return Picture(*_to_tensors(ImageOps.exif_transpose(image), path), _rgb_profile(image))
 
 
 def probe_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):
@@ -99,13 +119,16 @@ def probe_image(path, max_pixels=MAX_PIXELS, min_size=MIN_SIZE):
         image.verify()
 
 
-def save_image(image, path, alpha=None):
-    """Write (3, H, W) [0, 1] (+ alpha (1, H, W)) as 8-bit PNG / JPEG / WebP, chosen by extension, atomically."""
+def save_image(image, path, alpha=None, icc_profile=None):
+    """Write (3, H, W) [0, 1] (+ alpha (1, H, W), + an ICC colour profile) as 8-bit PNG / JPEG / WebP, chosen by
+    extension, atomically."""
     path = os.fspath(path)
     extension = os.path.splitext(path)[1].lower()
     if extension not in SAVE_FORMATS:
         raise ValueError(f"{path}: unknown image extension (expected one of {', '.join(SAVE_FORMATS)})")
     file_format, options = SAVE_FORMATS[extension]
+    if icc_profile is not None:
+        options = {**options, "icc_profile": icc_profile}
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"{path}: expected an image of shape (3, H, W), got {tuple(image.shape)}")
     if alpha is not None:

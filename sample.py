@@ -12,7 +12,8 @@ the shifted grid) -> D(z_H / s) -> colour fix, following the published FlowSR in
 This file is the command line around it: files in and out, flags, errors, and torchrun.
 
 Files: any image Pillow reads (EXIF orientation applied; grayscale, palette and CMYK become RGB; 16-bit
-grayscale and float images are read at full precision, 16-bit RGB as Pillow gives it, in 8 bits). Transparency
+grayscale and float images are read at full precision, 16-bit RGB as Pillow gives it, in 8 bits). An RGB colour
+profile (ICC: Display P3, Adobe RGB) is written with the output, whose values are in that colour space. Transparency
 is not super-resolved: the alpha channel is upscaled on its own (bicubic) and written back (dropped for a JPEG
 output). A bad input gives one error line and the others go on; the exit code is 1 if any failed. Outputs
 are written atomically, never over an input, and over an existing file only with --overwrite. Folders and glob
@@ -164,6 +165,7 @@ class Input:
     out: str
     lr: torch.Tensor  # (3, h, w) in [0, 1]
     alpha: torch.Tensor = None  # (1, h, w) or None
+    icc_profile: bytes = None  # the input's RGB colour profile, written with the output
 
 
 def load_input(path, out, cfg):
@@ -219,10 +221,10 @@ def save_outputs(item, sr, cfg):
     alpha = None
     if item.alpha is not None and os.path.splitext(item.out)[1].lower() not in (".jpg", ".jpeg"):
         alpha = F.interpolate(item.alpha[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)  # (1, 4h, 4w)
-    save_image(sr, item.out, alpha)
+    save_image(sr, item.out, alpha, item.icc_profile)
     if cfg.compare:
         up = F.interpolate(item.lr[None], scale_factor=4, mode="bicubic")[0].clamp(0, 1)
-        save_image(torch.cat([up, sr], dim=2), compare_path(item.out))
+        save_image(torch.cat([up, sr], dim=2), compare_path(item.out), icc_profile=item.icc_profile)
 
 
 # ---- the command line ------------------------------------------------------------------------------------

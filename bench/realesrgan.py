@@ -277,11 +277,11 @@ def main(argv=None):
     outputs = _output_paths(args.inputs, args.output)
     model = load_realesrgan_x4plus(args.param, args.bin)
     for source, target in zip(args.inputs, outputs):
-        rgb, alpha = load_image(source)  # (3, h, w), (1, h, w) or None
+        rgb, alpha, icc_profile = load_image(source)  # (3, h, w), (1, h, w) or None, bytes or None
         sr = upscale(model, rgb[None], args.tile or None)[0]  # (3, 4h, 4w)
         if alpha is not None:  # the ncnn app carries alpha over with bicubic x4 too
             alpha = F.interpolate(alpha[None], scale_factor=SCALE, mode="bicubic").clamp(0, 1)[0]
-        save_image(sr, target, alpha)
+        save_image(sr, target, alpha, icc_profile)
         print(f"{source} -> {target}")
 
 

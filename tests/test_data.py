@@ -38,14 +38,14 @@ def assert_one_line_error(path, match, **kwargs):
 # ----------------------------------------------------------------------------- load_image: modes
 
 def test_rgb_photo_loads_in_unit_range():
-    image, alpha = load_image(os.path.join(TRAIN, "astronaut.png"))
+    image, alpha, _ = load_image(os.path.join(TRAIN, "astronaut.png"))
     assert image.shape == (3, 512, 512) and image.dtype == torch.float32 and alpha is None
     assert image.min() >= 0 and image.max() <= 1 and image.max() > 0.9
 
 
 def test_grayscale_photo_becomes_three_equal_channels():
     assert Image.open(os.path.join(TRAIN, "camera.png")).mode == "L"
-    image, _ = load_image(os.path.join(TRAIN, "camera.png"))
+    image, _, _ = load_image(os.path.join(TRAIN, "camera.png"))
     assert image.shape == (3, 512, 512)
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
 
@@ -57,7 +57,7 @@ def test_16_bit_grayscale_keeps_its_scale(tmp_path):
     gray.putpixel((1, 0), 1000)
     gray.putpixel((2, 0), 32768)
     gray.save(path)
-    image, alpha = load_image(path)
+    image, alpha, _ = load_image(path)
     assert image.shape == (3, 8, 16) and alpha is None
     for x, value in ((0, 65535), (1, 1000), (2, 32768), (3, 0)):
         assert abs(image[0, 0, x].item() - value / 65535) < 1e-6
@@ -69,7 +69,7 @@ def test_16_bit_rgb_png_keeps_its_scale(tmp_path):
     values = (1000, 30000, 65535)
     row = struct.pack(">HHH", *values) * 8
     path.write_bytes(png_bytes(8, 8, 16, 2, [row] * 8))
-    image, _ = load_image(path)
+    image, _, _ = load_image(path)
     for channel, value in enumerate(values):
         assert abs(image[channel, 3, 3].item() - value / 65535) <= 1 / 255
 
@@ -77,7 +77,7 @@ def test_16_bit_rgb_png_keeps_its_scale(tmp_path):
 def test_float_image_is_taken_as_unit_range(tmp_path):
     path = tmp_path / "float.tiff"
     Image.new("F", (10, 12), 0.25).save(path)
-    image, _ = load_image(path)
+    image, _, _ = load_image(path)
     assert image.shape == (3, 12, 10) and torch.allclose(image, torch.full_like(image, 0.25))
 
 
@@ -99,7 +99,7 @@ def test_a_float_image_may_overshoot_a_little_and_is_clipped(tmp_path):
     pixels = np.full((12, 10), 0.5, np.float32)
     pixels[0, 0], pixels[0, 1] = -0.02, 1.03  # what resampling leaves around edges
     Image.fromarray(pixels, "F").save(tmp_path / "float.tiff")
-    image, _ = load_image(tmp_path / "float.tiff")
+    image, _, _ = load_image(tmp_path / "float.tiff")
     assert image[0, 0, 0] == 0 and image[0, 0, 1] == 1 and image[0, 5, 5] == 0.5
 
 
@@ -108,7 +108,7 @@ def test_a_camera_jpeg_with_a_preview_frame_loads_its_main_image(tmp_path):
     main.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview])
     with Image.open(tmp_path / "camera.jpg") as opened:
         assert opened.format == "MPO" and opened.n_frames == 2
-    image, _ = load_image(tmp_path / "camera.jpg")
+    image, _, _ = load_image(tmp_path / "camera.jpg")
     assert image.shape == (3, 30, 40) and image[0].mean() > 0.7 and image[2].mean() < 0.2
 
 
@@ -116,7 +116,7 @@ def test_a_still_gif_loads_and_an_animation_is_refused(tmp_path):
     frames = [Image.fromarray(np.full((12, 10, 3), value, np.uint8)) for value in (40, 200)]
     frames[0].save(tmp_path / "still.gif")
     frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
-    image, _ = load_image(tmp_path / "still.gif")
+    image, _, _ = load_image(tmp_path / "still.gif")
     assert image.shape == (3, 12, 10) and torch.allclose(image, torch.full_like(image, 40 / 255))
     with pytest.raises(ImageError, match="moving.gif: 2 frames"):
         load_image(tmp_path / "moving.gif")
@@ -130,28 +130,28 @@ def test_palette_with_and_without_transparency(tmp_path):
     palette.putpixel((3, 2), 1)
     palette.save(tmp_path / "opaque.png")
     palette.save(tmp_path / "clear.png", transparency=0)
-    opaque, no_alpha = load_image(tmp_path / "opaque.png")
+    opaque, no_alpha, _ = load_image(tmp_path / "opaque.png")
     assert no_alpha is None
     assert opaque[:, 0, 0].tolist() == [1, 0, 0] and opaque[:, 2, 3].tolist() == [0, 1, 0]
-    clear, alpha = load_image(tmp_path / "clear.png")
+    clear, alpha, _ = load_image(tmp_path / "clear.png")
     assert alpha.shape == (1, 10, 10) and alpha[0, 0, 0] == 0 and alpha[0, 2, 3] == 1
     assert clear[:, 2, 3].tolist() == [0, 1, 0]
 
 
 def test_rgba_and_la_alpha_come_back_separately(tmp_path):
     Image.new("RGBA", (12, 10), (255, 128, 0, 64)).save(tmp_path / "rgba.png")
-    image, alpha = load_image(tmp_path / "rgba.png")
+    image, alpha, _ = load_image(tmp_path / "rgba.png")
     assert image.shape == (3, 10, 12) and alpha.shape == (1, 10, 12)
     assert torch.allclose(image[:, 0, 0], torch.tensor([1, 128 / 255, 0])) and abs(alpha.max() - 64 / 255) < 1e-7
     Image.new("LA", (12, 10), (100, 200)).save(tmp_path / "la.png")
-    image, alpha = load_image(tmp_path / "la.png")
+    image, alpha, _ = load_image(tmp_path / "la.png")
     assert torch.allclose(image, torch.full_like(image, 100 / 255))
     assert torch.allclose(alpha, torch.full_like(alpha, 200 / 255))
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path):
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
-    image, _ = load_image(tmp_path / "cmyk.jpg")
+    image, _, _ = load_image(tmp_path / "cmyk.jpg")
     assert image.shape == (3, 16, 16)
     assert (image.mean((1, 2)) - torch.tensor([1.0, 0.0, 0.0])).abs().max() < 0.05
 
@@ -162,7 +162,7 @@ def test_exif_orientation_6_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     stored.save(tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
-    image, _ = load_image(tmp_path / "rotated.jpg")
+    image, _, _ = load_image(tmp_path / "rotated.jpg")
     assert image.shape == (3, 32, 16)
     expected = torch.zeros(3, 32, 16)
     expected[:, 16:] = 1  # the stored right half ends up at the bottom
@@ -214,13 +214,13 @@ def test_png_round_trip_is_exact_with_alpha(tmp_path):
     save_image(image, tmp_path / "out.png")
     assert torch.equal(load_image(tmp_path / "out.png")[0], image)
     save_image(image, tmp_path / "out.png", alpha=alpha)
-    loaded, loaded_alpha = load_image(tmp_path / "out.png")
+    loaded, loaded_alpha, _ = load_image(tmp_path / "out.png")
     assert torch.equal(loaded, image) and torch.equal(loaded_alpha, alpha)
     assert sorted(os.listdir(tmp_path)) == ["out.png"]
 
 
 def test_jpeg_and_webp_are_chosen_by_extension(tmp_path):
-    image, _ = load_image(os.path.join(TRAIN, "astronaut.png"))
+    image, _, _ = load_image(os.path.join(TRAIN, "astronaut.png"))
     image = image[:, 200:264, 200:264]
     for name, file_format in (("out.jpg", "JPEG"), ("out.JPEG", "JPEG"), ("out.webp", "WEBP")):
         save_image(image, tmp_path / name)

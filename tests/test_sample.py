@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageCms
 from safetensors.torch import load_file, save_file
 
 import flowsr
@@ -482,6 +482,26 @@ def test_exif_orientation_is_honoured(models, tmp_path, capsys):
     assert code == 0 and size == (96, 64)
     left, right = result[:, :40].mean((0, 1)), result[:, 56:].mean((0, 1))
     assert left[0] > 180 and left[2] < 70 and right[2] > 180 and right[0] < 70
+
+
+def test_rgb_colour_profile_is_kept(models, tmp_path, capsys):
+    """An RGB ICC profile (a P3 phone photo's) goes with the output and its comparison; a grey one is not put on
+    the RGB output."""
+    rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert rgb_profile[16:20] == b"RGB "
+    grey_profile = rgb_profile[:16] + b"GRAY" + rgb_profile[20:]  # stored as given; only its header is read
+    Image.fromarray(photo(12, 10)).save(tmp_path / "p3.jpg", quality=95, icc_profile=rgb_profile)
+    Image.fromarray(photo(12, 10)).save(tmp_path / "wide.webp", quality=95, icc_profile=rgb_profile)
+    Image.fromarray(photo(12, 10)).convert("L").save(tmp_path / "grey.png", icc_profile=grey_profile)
+    code, _, err = run(capsys, tmp_path / "p3.jpg", tmp_path / "wide.webp", tmp_path / "grey.png",
+                       "--checkpoint", models.identity, "--compare", "-q")
+    assert code == 0 and not err
+    for name in ("p3_x4.png", "p3_x4_compare.png", "wide_x4.png"):
+        assert Image.open(tmp_path / name).info.get("icc_profile") == rgb_profile
+    assert "icc_profile" not in Image.open(tmp_path / "grey_x4.png").info
+    code, _, err = run(capsys, tmp_path / "wide.webp", "-o", tmp_path / "out.jpg", "--checkpoint", models.identity,
+                       "-q")
+    assert code == 0 and Image.open(tmp_path / "out.jpg").info.get("icc_profile") == rgb_profile
 
 
 def test_outputs_are_atomic(models, tmp_path, capsys, monkeypatch):
