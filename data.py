@@ -157,7 +157,7 @@ def list_images(folder):
     """Image files under folder, recursively, in a fixed order; hidden files and folders are left out."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: no such folder")
+        raise ValueError(f"{folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
     paths = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

@@ -23,8 +23,9 @@ lies on the 0..255 scale; no border is cropped.
 
 Images are read with data.load_image (any mode becomes RGB; an alpha channel is not scored). An SR file
 matches the GT file with the same stem, else the GT file whose stem is the SR stem without a trailing
-"_x4" ("baby_x4.png" scores against "baby.png"); stems keep their subfolder ("set5/baby"). Unmatched
-files are listed. A pair that cannot be scored (different sizes, unreadable file) is listed as an error
+"_x4" ("baby_x4.png" scores against "baby.png"); stems keep their subfolder ("set5/baby"). Where an SR
+folder holds both baby.png and baby_x4.png (sample.py writes beside its inputs), baby.png is the input and is
+left out, with or without --gt. Unmatched files are listed. A pair that cannot be scored (different sizes, unreadable file) is listed as an error
 and the exit status is 1; so is an unreadable file without --gt.
 """
 import dataclasses
@@ -242,9 +243,16 @@ def images_by_stem(folder):
     return images
 
 
+def results_by_stem(folder):
+    """images_by_stem without the inputs of sample.py's results: where NAME and NAME_x4 are both there
+    (`python sample.py folder/` writes beside each input), NAME is the low-resolution input, not a result."""
+    images = images_by_stem(folder)
+    return {stem: path for stem, path in images.items() if stem + data.SR_SUFFIX not in images}
+
+
 def match_pairs(sr_dir, gt_dir):
     """[(name, sr_path, gt_path)] sorted by name, and a list of lines naming the unmatched files."""
-    sr_images, gt_images = images_by_stem(sr_dir), images_by_stem(gt_dir)
+    sr_images, gt_images = results_by_stem(sr_dir), images_by_stem(gt_dir)
     pairs, missing, matched_sr = [], [], set()
     for name, gt_path in sorted(gt_images.items()):
         sr_stem = name if name in sr_images else name + data.SR_SUFFIX
@@ -267,7 +275,7 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
     computed is None (and "gt" too without gt_dir). An image too small for NIQE is a note, not an error.
     """
     if gt_dir is None:
-        pairs, missing = [(name, path, None) for name, path in sorted(images_by_stem(sr_dir).items())], []
+        pairs, missing = [(name, path, None) for name, path in sorted(results_by_stem(sr_dir).items())], []
     else:
         pairs, missing = match_pairs(sr_dir, gt_dir)
     model = lpips if lpips is not None else dists

@@ -110,24 +110,32 @@ def expand_inputs(patterns):
     paths, errors = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = [p for p in list_images(pattern) if not is_result(p)]
-            paths += [(p, os.path.relpath(p, pattern)) for p in found]
-            if not found:
-                errors.append(f"{pattern}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            images = list_images(pattern)
+            found = [(p, os.path.relpath(p, pattern)) for p in images if not is_result(p)]
         elif os.path.exists(pattern):
             paths.append((pattern, os.path.basename(pattern)))
+            continue
         elif glob.has_magic(pattern) and glob.glob(pattern):
-            paths += [(p, os.path.basename(p)) for p in sorted(glob.glob(pattern))
-                      if os.path.isfile(p) and not is_result(p)]
+            images = [p for p in sorted(glob.glob(pattern))
+                      if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
+            found = [(p, os.path.basename(p)) for p in images if not is_result(p)]
         else:
             errors.append(f"{pattern}: no such file or folder")
+            continue
+        paths += found
+        if images and not found:
+            errors.append(f"{pattern}: only earlier results ({SR_SUFFIX}.png, {COMPARE_SUFFIX}.png); "
+                          "name one to process it again")
+        elif not found:
+            errors.append(f"{pattern}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return paths, errors
 
 
 def names_a_file(output):
-    """-o photo.png (or any image extension Pillow knows, writable or not) names a file; anything else a folder."""
+    """-o photo.png (or any image extension Pillow knows, writable or not) names a file, unless it is an existing
+    folder; anything else names a folder."""
     extension = os.path.splitext(output)[1].lower()
-    return extension in IMAGE_EXTENSIONS or extension in Image.registered_extensions()
+    return (extension in IMAGE_EXTENSIONS or extension in Image.registered_extensions()) and not os.path.isdir(output)
 
 
 def plan_outputs(paths, cfg):
@@ -313,7 +321,7 @@ def main(argv=None):
         print("error: no input images (usage: python sample.py IMAGE [IMAGE ...] [-h])", file=sys.stderr)
         return 2
     paths, errors = expand_inputs(cfg.inputs)
-    problem = check_flags(cfg, len(paths))
+    problem = check_flags(cfg, len({path_key(p) for p, _ in paths}))  # an input given twice is done once
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

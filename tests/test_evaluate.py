@@ -194,6 +194,21 @@ def test_folders_subfolders_unreadable_files_and_duplicate_stems(tmp_path):
         evaluate_folders(tmp_path / "sr", tmp_path / "gt")
 
 
+def test_results_written_beside_their_inputs_pair_with_the_ground_truth(tmp_path, capsys):
+    """`python sample.py lr/` writes lr/NAME_x4.png beside lr/NAME.png: the result is scored, not the input."""
+    lr, gt = tmp_path / "lr", tmp_path / "gt"
+    lr.mkdir(), gt.mkdir()
+    hr = photo("chelsea.png", (120, 60, 184, 108))
+    save(hr, gt / "p.png"), save(hr[::4, ::4], lr / "p.png"), save(degrade(hr, 0), lr / "p_x4.png")
+    save(hr[::4, ::4], lr / "q.png")  # an input without its result yet: unmatched, nothing to pair it with
+    result = evaluate_folders(lr, gt)
+    assert [(row["name"], os.path.basename(row["sr"])) for row in result["images"]] == [("p", "p_x4.png")]
+    assert result["errors"] == [] and [os.path.basename(line) for line in result["missing"]] == ["q.png"]
+    assert [row["sr"] for row in evaluate_folders(lr)["images"]] == [str(lr / "p_x4.png"), str(lr / "q.png")]
+    assert main(["--sr", str(lr / "p_x4.png")]) == 2
+    assert f"{lr / 'p_x4.png'}: not a folder" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------
 # DISTS
 

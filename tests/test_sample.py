@@ -243,6 +243,32 @@ def test_outputs_beside_input_to_file_or_folder(models, tmp_path, capsys):
     assert code == 0 and out.count("wrote ") == 3 and not err  # without -v, a log gets one line per image only
 
 
+def test_repeated_inputs_globs_and_folders_named_like_files(models, tmp_path, capsys):
+    argv = ["--checkpoint", models.identity, "-q"]
+    a = write(tmp_path / "a.png", photo(12, 12))
+    code, _, err = run(capsys, a, os.path.join(tmp_path, ".", "a.png"), "-o", tmp_path / "one.png", *argv)
+    assert code == 0 and not err and os.path.exists(tmp_path / "one.png")  # one input, named twice
+    (tmp_path / "dir.png").mkdir()  # an existing folder is a folder, whatever its name
+    code, _, err = run(capsys, a, "-o", tmp_path / "dir.png", *argv)
+    assert code == 0 and not err and os.listdir(tmp_path / "dir.png") == ["a_x4.png"]
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    write(shots / "b.png", photo(12, 12))
+    (shots / "b.xmp").write_text("<x:xmpmeta/>")  # a camera's sidecar: the glob skips it as a folder would
+    code, _, err = run(capsys, str(shots / "*"), "-o", tmp_path / "out", *argv)
+    assert code == 0 and not err and os.listdir(tmp_path / "out") == ["b_x4.png"]
+    done = tmp_path / "done"
+    done.mkdir()
+    shutil.copy(tmp_path / "one.png", done / "c_x4.png")
+    for pattern in (done, done / "*.png"):
+        code, _, err = run(capsys, str(pattern), *argv)
+        assert code == 1 and err == [f"error: {pattern}: only earlier results (_x4.png, _x4_compare.png); "
+                                     "name one to process it again"]
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, tmp_path / "empty", *argv)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'empty'}: no images (.png, ")
+
+
 def test_identity_model_gives_the_upsampled_input(models, tmp_path, capsys):
     """With v = 0 the pipeline must return up(x_LR) exactly: no shift, flip, crop or padding error anywhere."""
     pixels = photo(15, 9)  # 60 x 36: padded to 64 x 40 for the networks, cropped back
