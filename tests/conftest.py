@@ -30,6 +30,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+def projected(features):
+    """transformers' CLIPModel.get_*_features: the projected tensor before transformers 5, an output whose
+    pooler_output holds it from 5 on."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
 class TinyVelocityNet(nn.Module):
     """A two-layer velocity network v(z, t) for the 48-channel pixel latent: small enough to train in a test."""
 

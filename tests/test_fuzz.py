@@ -117,7 +117,7 @@ READ_LOOP = textwrap.dedent("""
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for path in sys.argv[3:]:
         try:
-            rgb, alpha = data.load_image(path, max_pixels=int(sys.argv[2]))
+            rgb, alpha, _ = data.load_image(path, max_pixels=int(sys.argv[2]))
             ok = (rgb.dtype == data.torch.float32 and rgb.dim() == 3 and rgb.shape[0] == 3
                   and bool(rgb.isfinite().all()) and 0 <= float(rgb.min()) and float(rgb.max()) <= 1
                   and (alpha is None or tuple(alpha.shape) == (1, *rgb.shape[1:])))

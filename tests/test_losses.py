@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import clip
+from conftest import projected
 import losses
 from plumbing.weights import WeightsError
 
@@ -296,14 +297,14 @@ class TransformersCLIP:
         self.model, self.image_size = model, model.config.vision_config.image_size
 
     def encode_image(self, pixels):
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
+        return projected(self.model.get_image_features(pixel_values=pixels))
 
     def encode_text(self, ids):
-        return self.model.get_text_features(input_ids=ids).pooler_output
+        return projected(self.model.get_text_features(input_ids=ids))
 
 
 def test_clip_iqa_with_real_clip_module_matches_transformers(tmp_path):
-    from transformers import CLIPTokenizer as HFTokenizer
+    from transformers import CLIPTokenizerFast as HFTokenizer
     reference = save_tiny_clip_folder(tmp_path / "clip")
     iqa = losses.try_load_clip_iqa(str(tmp_path / "clip"), log=pytest.fail)
     assert isinstance(iqa.clip, clip.CLIPModel) and iqa.clip.image_size == 32

@@ -213,20 +213,22 @@ def test_atomic_write_as_on_windows(tmp_path, monkeypatch):
 
 def test_json_and_logs_are_read_as_utf8_whatever_the_locale(tmp_path):
     """vocab.json holds non-ASCII tokens; Windows' default text encoding is the locale's (cp1252), not UTF-8.
-    Run with Python's warning for any open() that leaves the encoding to the locale (PEP 597) as an error."""
+    Run with Python's warning for any open() that leaves the encoding to the locale (PEP 597) as an error, from
+    after the imports on (some torch releases leave it to the locale themselves while importing)."""
     import json
     import subprocess
     import sys
     (tmp_path / "vocab.json").write_bytes(json.dumps({"Ġthe": 1, "é</w>": 2}, ensure_ascii=False).encode("utf-8"))
     (tmp_path / "log.jsonl").write_text('{"stage": 1, "step": 1}\n', encoding="utf-8")
-    code = ("import torch; from plumbing.weights import read_json; from plumbing.trainstate import trim_log; "
-            "from plumbing.training import LogWindow; "
+    code = ("import warnings, torch; from plumbing.weights import read_json; "
+            "from plumbing.trainstate import trim_log; from plumbing.training import LogWindow; "
+            "warnings.simplefilter('error', EncodingWarning); "
             f"assert read_json({str(tmp_path / 'vocab.json')!r}) == {{'Ġthe': 1, 'é</w>': 2}}; "
             f"trim_log({str(tmp_path / 'log.jsonl')!r}, 1, 1); "
             "window = LogWindow({'sums': {'loss': 0.5}, 'count': 1, 'by_t': torch.ones(2, 4)}); "
             f"window.log(1, 2, 2, 1.0, print, {str(tmp_path / 'log.jsonl')!r})")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning", "-c", code],
+    result = subprocess.run([sys.executable, "-X", "warn_default_encoding", "-c", code],
                             cwd=root, capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "log.jsonl").read_bytes().count(b"\n") == 2 and b"\r" not in (tmp_path / "log.jsonl").read_bytes()
