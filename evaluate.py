@@ -25,8 +25,8 @@ Images are read with data.load_image (any mode becomes RGB; an alpha channel is 
 matches the GT file with the same stem, else the GT file whose stem is the SR stem without a trailing
 "_x4" ("baby_x4.png" scores against "baby.png"); stems keep their subfolder ("set5/baby"). Where an SR
 folder holds both baby.png and baby_x4.png (sample.py writes beside its inputs), baby.png is the input and is
-left out, with or without --gt. Unmatched files are listed. A pair that cannot be scored (different sizes, unreadable file) is listed as an error
-and the exit status is 1; so is an unreadable file without --gt.
+left out, with or without --gt. Unmatched files are listed. A pair that cannot be scored (different sizes,
+unreadable file) is listed as an error and the exit status is 1; so is an unreadable file without --gt.
 """
 import dataclasses
 import functools
