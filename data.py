@@ -1,4 +1,5 @@
-"""Images in and out, and the training dataset (SPEC sections 1 and 6).
+"""Images in and out, result files paired with their ground truth by name, and the training dataset (SPEC
+sections 1 and 6).
 
 Training pairs are made on the fly: a random HR crop of a photo (zoomed out, flipped, rotated, now
 and then blurred smooth), degraded to LR with Real-ESRGAN's second-order pipeline, plain bicubic,
@@ -164,6 +165,42 @@ def list_images(folder):
         paths += [os.path.join(root, name) for name in sorted(files)
                   if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
     return paths
+
+
+def images_by_stem(folder):
+    """{stem: path} of the images under folder (the stem of sub/baby.png is "sub/baby"); two files with
+    one stem are an error. sample.py's side-by-side comparisons (NAME_x4_compare.png) are no results."""
+    images = {}
+    for path in list_images(folder):
+        stem = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+        if stem.endswith(COMPARE_SUFFIX) and path.lower().endswith(".png"):
+            continue
+        if stem in images:
+            raise ValueError(f"{folder}: two images share the stem '{stem}' ({images[stem]}, {path})")
+        images[stem] = path
+    return images
+
+
+def results_by_stem(folder):
+    """images_by_stem without the inputs of sample.py's results: where NAME and NAME_x4 are both there
+    (`python sample.py folder/` writes beside each input), NAME is the low-resolution input, not a result."""
+    images = images_by_stem(folder)
+    return {stem: path for stem, path in images.items() if stem + SR_SUFFIX not in images}
+
+
+def match_pairs(sr_dir, gt_dir):
+    """[(name, sr_path, gt_path)] sorted by name, and a list of lines naming the unmatched files."""
+    sr_images, gt_images = results_by_stem(sr_dir), images_by_stem(gt_dir)
+    pairs, missing, matched_sr = [], [], set()
+    for name, gt_path in sorted(gt_images.items()):
+        sr_stem = name if name in sr_images else name + SR_SUFFIX
+        if sr_stem in sr_images:
+            pairs.append((name, sr_images[sr_stem], gt_path))
+            matched_sr.add(sr_stem)
+        else:
+            missing.append(f"no SR image for GT {gt_path}")
+    missing += [f"no GT image for SR {path}" for stem, path in sr_images.items() if stem not in matched_sr]
+    return pairs, missing
 
 
 def _item_seed(seed, index):

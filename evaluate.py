@@ -227,43 +227,7 @@ def niqe(x):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Folders: pairing by file stem, scoring every pair
-
-def images_by_stem(folder):
-    """{stem: path} of the images under folder (the stem of sub/baby.png is "sub/baby"); two files with
-    one stem are an error. sample.py's side-by-side comparisons (NAME_x4_compare.png) are no results."""
-    images = {}
-    for path in data.list_images(folder):
-        stem = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-        if stem.endswith(data.COMPARE_SUFFIX) and path.lower().endswith(".png"):
-            continue
-        if stem in images:
-            raise ValueError(f"{folder}: two images share the stem '{stem}' ({images[stem]}, {path})")
-        images[stem] = path
-    return images
-
-
-def results_by_stem(folder):
-    """images_by_stem without the inputs of sample.py's results: where NAME and NAME_x4 are both there
-    (`python sample.py folder/` writes beside each input), NAME is the low-resolution input, not a result."""
-    images = images_by_stem(folder)
-    return {stem: path for stem, path in images.items() if stem + data.SR_SUFFIX not in images}
-
-
-def match_pairs(sr_dir, gt_dir):
-    """[(name, sr_path, gt_path)] sorted by name, and a list of lines naming the unmatched files."""
-    sr_images, gt_images = results_by_stem(sr_dir), images_by_stem(gt_dir)
-    pairs, missing, matched_sr = [], [], set()
-    for name, gt_path in sorted(gt_images.items()):
-        sr_stem = name if name in sr_images else name + data.SR_SUFFIX
-        if sr_stem in sr_images:
-            pairs.append((name, sr_images[sr_stem], gt_path))
-            matched_sr.add(sr_stem)
-        else:
-            missing.append(f"no SR image for GT {gt_path}")
-    missing += [f"no GT image for SR {path}" for stem, path in sr_images.items() if stem not in matched_sr]
-    return pairs, missing
-
+# Folders: scoring every pair (data.match_pairs pairs the files by stem)
 
 @torch.no_grad()
 def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
@@ -275,9 +239,9 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
     computed is None (and "gt" too without gt_dir). An image too small for NIQE is a note, not an error.
     """
     if gt_dir is None:
-        pairs, missing = [(name, path, None) for name, path in sorted(results_by_stem(sr_dir).items())], []
+        pairs, missing = [(name, path, None) for name, path in sorted(data.results_by_stem(sr_dir).items())], []
     else:
-        pairs, missing = match_pairs(sr_dir, gt_dir)
+        pairs, missing = data.match_pairs(sr_dir, gt_dir)
     model = lpips if lpips is not None else dists
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     images, notes, errors = [], [], []
