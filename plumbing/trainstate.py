@@ -14,6 +14,7 @@ Every refusal is a one-line TrainingError. While a run goes on it holds --out-di
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import json
 import os
@@ -41,20 +42,44 @@ def claimed_out_dir(cfg, stages):
                             "photos")
     try:
         os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "w", encoding="utf-8")
+        lock = open(os.path.join(out, ".lock"), "a", encoding="utf-8")
     except OSError as e:
         raise TrainingError(f"--out-dir {cfg.out_dir}: {first_line(e)}") from None
-    with lock:
-        try:
-            import fcntl  # POSIX; elsewhere (Windows) runs are not guarded against each other
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError as e:  # file systems without flock (some network ones) fail otherwise: run unguarded there
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it") from None
+    with lock, exclusive_lock(lock) as held:
+        if not held:
+            raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it")
         check_nothing_replaced(cfg, stages)
         yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(handle):
+    """Yields True while this process holds an exclusive lock on the open file, False if another process holds
+    it (nothing waits). Where the file system has no locks (some network ones), True: the run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a lock on the first byte (allowed beyond the end of the empty file)
+        import msvcrt
+        handle.seek(0)
+        busy = (errno.EACCES, errno.EDEADLK)
+        take = functools.partial(msvcrt.locking, handle.fileno(), msvcrt.LK_NBLCK, 1)
+        # unlocked explicitly: Windows frees the locks of a closed file only after a while
+        release = functools.partial(msvcrt.locking, handle.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        busy = (errno.EWOULDBLOCK, errno.EAGAIN)
+        take = functools.partial(fcntl.flock, handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        release = functools.partial(fcntl.flock, handle, fcntl.LOCK_UN)
+    try:
+        take()
+    except OSError as e:
+        taken, held = False, e.errno not in busy
+    else:
+        taken, held = True, True
+    try:
+        yield held
+    finally:
+        if taken:
+            release()
 
 
 def check_nothing_replaced(cfg, stages):

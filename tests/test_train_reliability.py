@@ -383,6 +383,34 @@ def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypa
     assert isinstance(model, train.FlowSR)
 
 
+def test_windows_runs_lock_the_out_dir_with_msvcrt(photos, tmp_path, monkeypatch):
+    """Without fcntl (Windows) the lock is msvcrt's, on the .lock file's first byte: taken without waiting, held
+    for the run, released before the file closes; a lock another process holds refuses the run in one line."""
+    import sys
+    import types
+    from test_train import one_line_error
+    calls, held_elsewhere = [], set()
+
+    def locking(fd, mode, nbytes):
+        lock_file = os.fstat(fd).st_ino
+        calls.append((mode, nbytes, os.lseek(fd, 0, os.SEEK_CUR)))
+        if mode == msvcrt.LK_NBLCK and lock_file in held_elsewhere:
+            raise OSError(errno.EACCES, "Permission denied")
+    msvcrt = types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=locking)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError, as on Windows
+    monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".lock").write_text("not empty")  # the locked byte is still the first
+    model, _ = run(args(photos, tmp_path / "out", "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, train.FlowSR) and calls == [(msvcrt.LK_NBLCK, 1, 0), (msvcrt.LK_UNLCK, 1, 0)]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".lock").write_text("")
+    held_elsewhere.add(os.stat(tmp_path / "busy" / ".lock").st_ino)
+    result, _ = run(args(photos, tmp_path / "busy", "--stage", "1", "--max-steps", "1"))
+    one_line_error(result, f"--out-dir {tmp_path / 'busy'}: another train.py is writing into it")
+    assert not (tmp_path / "busy" / "stage1.safetensors").exists()
+
+
 def test_photos_that_break_during_training_stop_in_one_line_and_stop_the_workers(tmp_path):
     import multiprocessing
     from PIL import Image
