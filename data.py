@@ -182,15 +182,29 @@ def images_by_stem(folder):
 
 
 def results_by_stem(folder):
-    """images_by_stem without the inputs of sample.py's results: where NAME and NAME_x4 are both there
-    (`python sample.py folder/` writes beside each input), NAME is the low-resolution input, not a result."""
+    """(images_by_stem without the inputs of sample.py's results, [those inputs]). NAME beside NAME_x4 with a
+    quarter of its width and height is the low-resolution input it was made from (`python sample.py folder/`
+    writes beside each input), not a result."""
     images = images_by_stem(folder)
-    return {stem: path for stem, path in images.items() if stem + SR_SUFFIX not in images}
+    inputs = [path for stem, path in images.items()
+              if stem + SR_SUFFIX in images and _is_a_quarter_of(path, images[stem + SR_SUFFIX])]
+    return {stem: path for stem, path in images.items() if path not in inputs}, inputs
+
+
+def _is_a_quarter_of(path, other):
+    """Whether one image file has a quarter of another's width and height, by their headers (sample.py turns a
+    result upright by EXIF: either orientation counts). A file that cannot be read is no input of anything."""
+    try:
+        with Image.open(path) as image, Image.open(other) as larger:
+            return sorted(4 * n for n in image.size) == sorted(larger.size)
+    except Exception:  # Pillow's decoders raise many types; the scoring reports the file
+        return False
 
 
 def match_pairs(sr_dir, gt_dir):
-    """[(name, sr_path, gt_path)] sorted by name, and a list of lines naming the unmatched files."""
-    sr_images, gt_images = results_by_stem(sr_dir), images_by_stem(gt_dir)
+    """([(name, sr_path, gt_path)] sorted by name, lines naming the unmatched files, [inputs left out of the SR
+    folder] as results_by_stem finds them)."""
+    (sr_images, inputs), gt_images = results_by_stem(sr_dir), images_by_stem(gt_dir)
     pairs, missing, matched_sr = [], [], set()
     for name, gt_path in sorted(gt_images.items()):
         sr_stem = name if name in sr_images else name + SR_SUFFIX
@@ -200,7 +214,7 @@ def match_pairs(sr_dir, gt_dir):
         else:
             missing.append(f"no SR image for GT {gt_path}")
     missing += [f"no GT image for SR {path}" for stem, path in sr_images.items() if stem not in matched_sr]
-    return pairs, missing
+    return pairs, missing, inputs
 
 
 def _item_seed(seed, index):

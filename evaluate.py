@@ -24,9 +24,10 @@ lies on the 0..255 scale; no border is cropped.
 Images are read with data.load_image (any mode becomes RGB; an alpha channel is not scored). An SR file
 matches the GT file with the same stem, else the GT file whose stem is the SR stem without a trailing
 "_x4" ("baby_x4.png" scores against "baby.png"); stems keep their subfolder ("set5/baby"). Where an SR
-folder holds both baby.png and baby_x4.png (sample.py writes beside its inputs), baby.png is the input and is
-left out, with or without --gt. Unmatched files are listed. A pair that cannot be scored (different sizes,
-unreadable file) is listed as an error and the exit status is 1; so is an unreadable file without --gt.
+folder holds baby.png beside a baby_x4 four times its size (sample.py writes beside its inputs), baby.png is
+that result's input and is left out with a note, with or without --gt. Unmatched files are listed. A pair
+that cannot be scored (different sizes, unreadable file) is listed as an error and the exit status is 1; so is
+an unreadable file without --gt.
 """
 import dataclasses
 import functools
@@ -239,12 +240,14 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
     computed is None (and "gt" too without gt_dir). An image too small for NIQE is a note, not an error.
     """
     if gt_dir is None:
-        pairs, missing = [(name, path, None) for name, path in sorted(data.results_by_stem(sr_dir).items())], []
+        results, inputs = data.results_by_stem(sr_dir)
+        pairs, missing = [(name, path, None) for name, path in sorted(results.items())], []
     else:
-        pairs, missing = data.match_pairs(sr_dir, gt_dir)
+        pairs, missing, inputs = data.match_pairs(sr_dir, gt_dir)
     model = lpips if lpips is not None else dists
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
-    images, notes, errors = [], [], []
+    images, errors = [], []
+    notes = [f"{path}: left out, the input of {os.path.splitext(path)[0] + data.SR_SUFFIX}" for path in inputs]
     for name, sr_path, gt_path in pairs:
         try:
             sr = data.load_image(sr_path)[0][None]  # (1, 3, H, W); alpha is not scored

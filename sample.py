@@ -106,22 +106,28 @@ def is_result(path):
 
 
 def expand_inputs(patterns):
-    """(paths, errors): [(path, path relative to the folder it came from)]; what matches nothing is an error."""
+    """(paths, errors): [(path, path relative to the folder it came from)]; what matches nothing is an error.
+    A file named on its own is always taken; folders (and folders a glob matches) give their images, globs the
+    image files they match, both without earlier results."""
     paths, errors = [], []
     for pattern in patterns:
-        if os.path.isdir(pattern):
-            images = list_images(pattern)
-            found = [(p, os.path.relpath(p, pattern)) for p in images if not is_result(p)]
-        elif os.path.exists(pattern):
+        if os.path.exists(pattern) and not os.path.isdir(pattern):
             paths.append((pattern, os.path.basename(pattern)))
             continue
-        elif glob.has_magic(pattern) and glob.glob(pattern):
-            images = [p for p in sorted(glob.glob(pattern))
-                      if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)]
-            found = [(p, os.path.basename(p)) for p in images if not is_result(p)]
+        if os.path.isdir(pattern):
+            matches = [pattern]
         else:
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else []
+        if not matches:
             errors.append(f"{pattern}: no such file or folder")
             continue
+        images = []  # (path, relative path)
+        for match in matches:
+            if os.path.isdir(match):
+                images += [(p, os.path.relpath(p, match)) for p in list_images(match)]
+            elif os.path.isfile(match) and is_image_name(match):
+                images.append((match, os.path.basename(match)))
+        found = [(p, relative) for p, relative in images if not is_result(p)]
         paths += found
         if images and not found:
             errors.append(f"{pattern}: only earlier results ({SR_SUFFIX}.png, {COMPARE_SUFFIX}.png); "
@@ -129,6 +135,12 @@ def expand_inputs(patterns):
         elif not found:
             errors.append(f"{pattern}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return paths, errors
+
+
+def is_image_name(path):
+    """An extension Pillow reads (a glob takes those; a folder only the common IMAGE_EXTENSIONS)."""
+    extension = os.path.splitext(path)[1].lower()
+    return extension in IMAGE_EXTENSIONS or Image.registered_extensions().get(extension) in Image.OPEN
 
 
 def names_a_file(output):

@@ -58,13 +58,17 @@ def exclusive_lock(handle):
     it (nothing waits). Where the file system has no locks (some network ones), True: the run goes on unguarded."""
     try:
         import fcntl
-    except ImportError:  # Windows: a lock on the first byte (allowed beyond the end of the empty file)
+    except ImportError:  # Windows
         import msvcrt
-        handle.seek(0)
         busy = (errno.EACCES, errno.EDEADLK)
-        take = functools.partial(msvcrt.locking, handle.fileno(), msvcrt.LK_NBLCK, 1)
-        # unlocked explicitly: Windows frees the locks of a closed file only after a while
-        release = functools.partial(msvcrt.locking, handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+        def take():  # the first byte (a lock beyond the end of the empty file is allowed)
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+        def release():  # explicitly: Windows frees the locks of a closed file only after a while
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
     else:
         busy = (errno.EWOULDBLOCK, errno.EAGAIN)
         take = functools.partial(fcntl.flock, handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +83,8 @@ def exclusive_lock(handle):
         yield held
     finally:
         if taken:
-            release()
+            with contextlib.suppress(OSError):  # never in place of the run's own error
+                release()
 
 
 def check_nothing_replaced(cfg, stages):

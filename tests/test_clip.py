@@ -163,7 +163,9 @@ def max_rel_diff(ours, reference):
 def test_text_model_matches_transformers_both_key_layouts(tmp_path, hidden_act):
     from transformers import CLIPTextModel as HFTextModel
     reference = randomize_(HFTextModel(tiny_text_config(hidden_act)))
-    reference.save_pretrained(str(tmp_path / "plain"))  # transformers 5 writes keys without "text_model.", 4 with
+    reference.save_pretrained(str(tmp_path / "plain"))  # its config.json; the weights as transformers 5 writes them:
+    save_file({k.removeprefix("text_model."): v.contiguous() for k, v in reference.state_dict().items()},
+              tmp_path / "plain" / "model.safetensors")  # no "text_model." (transformers 4 writes it)
     sd_folder = tmp_path / "sd" / "text_encoder"  # older files: "text_model." prefix, position_ids, .bin
     sd_folder.mkdir(parents=True)
     (sd_folder / "config.json").write_bytes((tmp_path / "plain" / "config.json").read_bytes())

@@ -195,16 +195,30 @@ def test_folders_subfolders_unreadable_files_and_duplicate_stems(tmp_path):
 
 
 def test_results_written_beside_their_inputs_pair_with_the_ground_truth(tmp_path, capsys):
-    """`python sample.py lr/` writes lr/NAME_x4.png beside lr/NAME.png: the result is scored, not the input."""
+    """`python sample.py lr/` writes lr/NAME_x4.png beside lr/NAME.png: the result is scored, not the input (a
+    quarter of its size, either way round: a result turned upright by EXIF), and a note says so. Files that only
+    share such names are scored as they are."""
     lr, gt = tmp_path / "lr", tmp_path / "gt"
     lr.mkdir(), gt.mkdir()
-    hr = photo("chelsea.png", (120, 60, 184, 108))
+    hr = photo("chelsea.png", (120, 60, 184, 108))  # (48, 64, 3)
     save(hr, gt / "p.png"), save(hr[::4, ::4], lr / "p.png"), save(degrade(hr, 0), lr / "p_x4.png")
+    save(hr.transpose(1, 0, 2), gt / "t.png"), save(hr[::4, ::4], lr / "t.png")  # stored 16x12, shown 12x16
+    save(degrade(hr, 0).transpose(1, 0, 2), lr / "t_x4.png")
     save(hr[::4, ::4], lr / "q.png")  # an input without its result yet: unmatched, nothing to pair it with
     result = evaluate_folders(lr, gt)
-    assert [(row["name"], os.path.basename(row["sr"])) for row in result["images"]] == [("p", "p_x4.png")]
+    assert [(row["name"], os.path.basename(row["sr"])) for row in result["images"]] == [("p", "p_x4.png"),
+                                                                                       ("t", "t_x4.png")]
     assert result["errors"] == [] and [os.path.basename(line) for line in result["missing"]] == ["q.png"]
-    assert [row["sr"] for row in evaluate_folders(lr)["images"]] == [str(lr / "p_x4.png"), str(lr / "q.png")]
+    assert result["notes"][:2] == [f"{lr / 'p.png'}: left out, the input of {lr / 'p_x4'}",
+                                   f"{lr / 't.png'}: left out, the input of {lr / 't_x4'}"]
+    assert [row["sr"] for row in evaluate_folders(lr)["images"]] == [str(lr / n) for n in ("p_x4.png", "q.png",
+                                                                                         "t_x4.png")]
+    other = tmp_path / "other"  # another method's results for a GT set that has both foo and foo_x4
+    other.mkdir()
+    for folder in (gt, other):
+        save(hr, folder / "foo.png"), save(hr[::2, ::2], folder / "foo_x4.png")
+    names = {row["name"]: os.path.basename(row["sr"]) for row in evaluate_folders(other, gt)["images"]}
+    assert names == {"foo": "foo.png", "foo_x4": "foo_x4.png"}
     assert main(["--sr", str(lr / "p_x4.png")]) == 2
     assert f"{lr / 'p_x4.png'}: not a folder" in capsys.readouterr().err
 

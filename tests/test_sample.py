@@ -255,8 +255,11 @@ def test_repeated_inputs_globs_and_folders_named_like_files(models, tmp_path, ca
     shots.mkdir()
     write(shots / "b.png", photo(12, 12))
     (shots / "b.xmp").write_text("<x:xmpmeta/>")  # a camera's sidecar: the glob skips it as a folder would
+    Image.fromarray(photo(12, 12)).save(shots / "c.ppm")  # a format Pillow reads: a glob takes it, a folder not
     code, _, err = run(capsys, str(shots / "*"), "-o", tmp_path / "out", *argv)
-    assert code == 0 and not err and os.listdir(tmp_path / "out") == ["b_x4.png"]
+    assert code == 0 and not err and sorted(os.listdir(tmp_path / "out")) == ["b_x4.png", "c_x4.png"]
+    code, _, err = run(capsys, str(tmp_path / "sho*"), "-o", tmp_path / "out2", *argv)  # a glob matching a folder
+    assert code == 0 and not err and os.listdir(tmp_path / "out2") == ["b_x4.png"]
     done = tmp_path / "done"
     done.mkdir()
     shutil.copy(tmp_path / "one.png", done / "c_x4.png")
@@ -511,20 +514,28 @@ def test_exif_orientation_is_honoured(models, tmp_path, capsys):
 
 
 def test_rgb_colour_profile_is_kept(models, tmp_path, capsys):
-    """An RGB ICC profile (a P3 phone photo's) goes with the output and its comparison; a grey one is not put on
-    the RGB output."""
+    """An RGB ICC profile (a P3 phone photo's) goes with the output and its comparison, palette images included;
+    one that does not describe the RGB values written (a grey or CMYK image's, or any non-RGB profile) does not."""
     rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     assert rgb_profile[16:20] == b"RGB "
-    grey_profile = rgb_profile[:16] + b"GRAY" + rgb_profile[20:]  # stored as given; only its header is read
-    Image.fromarray(photo(12, 10)).save(tmp_path / "p3.jpg", quality=95, icc_profile=rgb_profile)
-    Image.fromarray(photo(12, 10)).save(tmp_path / "wide.webp", quality=95, icc_profile=rgb_profile)
-    Image.fromarray(photo(12, 10)).convert("L").save(tmp_path / "grey.png", icc_profile=grey_profile)
-    code, _, err = run(capsys, tmp_path / "p3.jpg", tmp_path / "wide.webp", tmp_path / "grey.png",
-                       "--checkpoint", models.identity, "--compare", "-q")
+
+    def relabelled(space):  # the same bytes claiming another colour space: only the header is read
+        return rgb_profile[:16] + space + rgb_profile[20:]
+    rgb = Image.fromarray(photo(12, 10))
+    rgb.save(tmp_path / "p3.jpg", quality=95, icc_profile=rgb_profile)
+    rgb.save(tmp_path / "wide.webp", quality=95, icc_profile=rgb_profile)
+    rgb.quantize(16).save(tmp_path / "palette.png", icc_profile=rgb_profile)
+    rgb.convert("L").save(tmp_path / "grey.png", icc_profile=rgb_profile)  # an RGB profile on grey pixels
+    rgb.save(tmp_path / "odd.png", icc_profile=relabelled(b"GRAY"))  # a grey profile on RGB pixels
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95, icc_profile=relabelled(b"CMYK"))
+    names = ("p3.jpg", "wide.webp", "palette.png", "grey.png", "odd.png", "cmyk.jpg")
+    code, _, err = run(capsys, *(tmp_path / name for name in names), "--checkpoint", models.identity, "--compare",
+                       "-q")
     assert code == 0 and not err
-    for name in ("p3_x4.png", "p3_x4_compare.png", "wide_x4.png"):
-        assert Image.open(tmp_path / name).info.get("icc_profile") == rgb_profile
-    assert "icc_profile" not in Image.open(tmp_path / "grey_x4.png").info
+    for name in ("p3_x4.png", "p3_x4_compare.png", "wide_x4.png", "palette_x4.png"):
+        assert Image.open(tmp_path / name).info.get("icc_profile") == rgb_profile, name
+    for name in ("grey_x4.png", "odd_x4.png", "cmyk_x4.png"):
+        assert "icc_profile" not in Image.open(tmp_path / name).info, name
     code, _, err = run(capsys, tmp_path / "wide.webp", "-o", tmp_path / "out.jpg", "--checkpoint", models.identity,
                        "-q")
     assert code == 0 and Image.open(tmp_path / "out.jpg").info.get("icc_profile") == rgb_profile
