@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from degradations import degrade_bicubic, degrade_mixed, degrade_realesrgan
+from plumbing.paths import case_insensitive
 from plumbing.weights import first_line, write_atomic
 
 DEGRADATIONS = {"realesrgan": degrade_realesrgan, "mixed": degrade_mixed,
@@ -167,6 +168,13 @@ def list_images(folder):
     return paths
 
 
+def is_result(path):
+    """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
+    stem, extension = os.path.splitext(os.path.basename(path))
+    stem = stem.casefold() if case_insensitive() else stem
+    return extension.lower() == ".png" and stem.endswith((SR_SUFFIX, COMPARE_SUFFIX))
+
+
 def images_by_stem(folder):
     """{stem: path} of the images under folder (the stem of sub/baby.png is "sub/baby"); two files with
     one stem are an error. sample.py's side-by-side comparisons (NAME_x4_compare.png) are no results."""
@@ -271,11 +279,17 @@ class HRFolderDataset(torch.utils.data.Dataset):
         if degradation not in DEGRADATIONS:
             raise ValueError(f"unknown degradation {degradation!r} (expected one of {', '.join(DEGRADATIONS)})")
         self.zoom_out, self.flat_prob = zoom_out, flat_prob
-        if crop_size % scale:
-            raise ValueError(f"crop_size {crop_size} is not divisible by scale {scale}")
+        try:  # the degradation's own size rules (Real-ESRGAN's pipeline needs 16 px at x4), before any training
+            DEGRADATIONS[degradation](torch.zeros(3, crop_size, crop_size), scale, torch.Generator().manual_seed(0))
+        except ValueError as e:
+            raise ValueError(f"crop size {crop_size} for the {degradation} degradation: {e}") from None
         self.folder = os.fspath(folder)
         self.crop_size, self.scale, self.degradation, self.seed = crop_size, scale, degradation, seed
-        candidates = list_images(self.folder)
+        listed = list_images(self.folder)
+        candidates = [path for path in listed if not is_result(path)]
+        if len(candidates) < len(listed):
+            warnings.warn(f"{self.folder}: {len(listed) - len(candidates)} results of sample.py ({SR_SUFFIX}.png, "
+                          f"{COMPARE_SUFFIX}.png) are no training photos; left out")
         if not candidates:
             raise ValueError(f"{self.folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         self.paths = []

@@ -32,11 +32,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import flowsr
-from data import (COMPARE_SUFFIX, IMAGE_EXTENSIONS, SAVE_FORMATS, SR_SUFFIX, ImageError, list_images, load_image,
-                  save_image)
+from data import (COMPARE_SUFFIX, IMAGE_EXTENSIONS, SAVE_FORMATS, SR_SUFFIX, ImageError, is_result, list_images,
+                  load_image, save_image)
 from flowsr import FlowSR
 from plumbing.flags import describe, device_problem, flag, parse
-from plumbing.paths import case_insensitive, path_key
+from plumbing.paths import path_key
 from plumbing.weights import WeightsError, first_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,13 +97,6 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
 
 
 # ---- files -----------------------------------------------------------------------------------------------
-
-def is_result(path):
-    """NAME_x4.png / NAME_x4_compare.png: what an earlier run wrote into a folder."""
-    stem, extension = os.path.splitext(os.path.basename(path))
-    stem = stem.casefold() if case_insensitive() else stem
-    return extension.lower() == ".png" and stem.endswith((SR_SUFFIX, COMPARE_SUFFIX))
-
 
 def expand_inputs(patterns):
     """(paths, errors): [(path, path relative to the folder it came from)]; what matches nothing is an error.

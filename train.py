@@ -34,12 +34,13 @@ from flow import RectifiedSRFlow
 from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, open_dataset,
-                                step_generator, synced_step)
+                                step_generator, synced_step, trainable)
 from plumbing.trainstate import Checkpoints, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
 
+PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos")  # the shipped ones, from any folder
 STAGE2_ENCODER = ("train-teacher-stage1", "train", "frozen")
 PRESETS = {  # what an unset value in the config (0, "preset", -1: see setup) means for each preset
     "tiny": dict(batch_size=8, crop_size=64, lr=2e-4, stage2_lr=2e-5, stage1_steps=6000, stage2_steps=150,
@@ -55,8 +56,8 @@ class TrainConfig:
     stage: str = flag("both", "which stage(s) to train", choices=("1", "2", "both"))
     preset: str = flag("tiny", "tiny: pixel autoencoder + small UNet (CPU); sd21: LoRA on SD 2.1-base", choices=tuple(PRESETS))
     base: str = flag("", "SD 2.1-base: diffusers folder or original single file (--preset sd21)", path=True)
-    data: str = flag("photos/train", "folder of HR training photos")
-    val_data: str = flag("photos/heldout", "folder of photos for the validation grids")
+    data: str = flag(os.path.join(PHOTOS, "train"), "folder of HR training photos")
+    val_data: str = flag(os.path.join(PHOTOS, "heldout"), "folder of photos for the validation grids ('': none)")
     out_dir: str = flag("runs/tiny", "where checkpoints, grids and logs go")
     init: str = flag("", "stage-1 checkpoint to start stage 2 from (default: OUT_DIR/stage1.safetensors)")
     resume: bool = flag(False, "continue from OUT_DIR/stage*_state.pt")
@@ -133,6 +134,8 @@ def setup(cfg):
         raise TrainingError(f"--flat-prob {cfg.flat_prob}: must be in [0, 1] (-1: the preset's)")
     if cfg.grad_checkpointing == "auto":
         cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
+    if cfg.init and cfg.stage != "2":
+        raise TrainingError("--init is the stage-1 model for --stage 2; here stage 2 starts from the stage 1 trained")
     if cfg.preset == "sd21" and not cfg.base:
         raise TrainingError("--preset sd21 needs --base (an SD 2.1-base diffusers folder or single file)")
     if cfg.batch_size % cfg.grad_accum:
@@ -182,10 +185,6 @@ class Stage:
     discriminator: losses.UNetDiscriminatorSN | None = None
     d_optimizer: torch.optim.Optimizer | None = None
     iqa: losses.CLIPIQALoss | None = None
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def load_lpips(cfg, device, say):
@@ -378,11 +377,11 @@ def main(argv=None):
             say = print if ranks.rank == 0 else (lambda *a, **k: None)
             say("config:\n" + describe(cfg), flush=True)
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
-            if ranks.rank == 0:
-                held.enter_context(claimed_out_dir(cfg, stages))
             length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * ranks.world  # crops to draw
             dataset = open_dataset(cfg, length, say)
             val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None
+            if ranks.rank == 0:
+                held.enter_context(claimed_out_dir(cfg, stages))
             for stage in stages:
                 model = train_stage(cfg, stage, dataset, val, ranks, interrupted)
     except (TrainingError, WeightsError, ImageError) as e:  # ImageError: the photos became unreadable

@@ -46,14 +46,21 @@ class Interrupted:
         self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if kind is KeyboardInterrupt and self.requested:
+            raise TrainingError("stopped at once by a second Ctrl-C; checkpoints are written whole or not at all, so "
+                                "--resume goes on from the last one saved") from None
 
     def request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def init_worker(worker_id):
@@ -243,9 +250,9 @@ class LogWindow:
     def log(self, stage, step, total, seconds, say, path=None):
         """Say the window's means (and append them to the JSON-lines file `path`), then start a new window."""
         means = {k: v / self.count for k, v in self.sums.items()}
-        by_t = (self.by_t[0] / self.by_t[1].clamp(min=1)).tolist()
+        by_t = [total_loss / n if n else None for total_loss, n in zip(*self.by_t.tolist())]  # None: no t there
         say(f"stage {stage} step {step}/{total} " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-            + " | loss by t: " + " ".join(f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
+            + " | loss by t: " + " ".join("-" if b is None else f"{b:.4f}" for b in by_t) + f" | {seconds:.0f}s")
         if path is not None:
             try:
                 with open(path, "a", encoding="utf-8", newline="\n") as f:  # as trim_log rewrites it

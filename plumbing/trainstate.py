@@ -40,6 +40,8 @@ def claimed_out_dir(cfg, stages):
             os.path.commonpath([out_key, data_key]) == data_key:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainingError(f"--out-dir {cfg.out_dir}: a file, not a folder")
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a", encoding="utf-8")

@@ -240,7 +240,9 @@ def rename_durably(tmp, path):
 def first_line(error, limit=200):
     """The first line of an exception's message (at most `limit` characters; None: all), for one-line errors."""
     text = str(error).strip().splitlines()
-    return text[0][:limit] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    return text[0] if limit is None or len(text[0]) <= limit else text[0][:limit] + "..."
 
 
 def json_object(text, path, what):

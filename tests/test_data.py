@@ -354,7 +354,7 @@ def test_empty_or_unreadable_folders_are_errors(tmp_path):
         HRFolderDataset(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown degradation"):
         HRFolderDataset(TRAIN, degradation="jpeg")
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="crop size 66 for the realesrgan degradation: .*must be divisible by 4"):
         HRFolderDataset(TRAIN, crop_size=66)
 
 

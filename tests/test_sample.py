@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageCms
 from safetensors.torch import load_file, save_file
 
+import data
 import flowsr
 import sample
 from plumbing.flags import parse
@@ -327,7 +328,7 @@ def test_outputs_that_differ_only_in_case_clash_where_the_file_system_ignores_ca
     jobs, errors = sample.plan_outputs([(upper, "Cat.png"), (lower, "cat.jpg")], parse(sample.SampleConfig, ["x"]))
     assert (errors == [f"{lower}: its output {tmp_path / 'cat_x4.png'} is also an output of {upper}"]) == clash
     assert len(jobs) == (1 if clash else 2)
-    assert sample.is_result("SHOT_X4.png") == clash and sample.is_result("a_x4_compare.PNG")
+    assert data.is_result("SHOT_X4.png") == clash and data.is_result("a_x4_compare.PNG")
 
 
 def test_output_that_is_an_existing_other_file_is_refused_before_the_model_runs(models, tmp_path, capsys):

@@ -227,6 +227,38 @@ def test_data_folder_errors_and_corrupt_files(photos, tmp_path):
     assert f"no validation grids: no readable photos in {broken}" in stdout
 
 
+def test_flags_that_cannot_work_stop_before_anything_is_written(photos, tmp_path):
+    """--init beside a stage 1 that trains (stage 2 would distil --init, not it), a crop the degradation cannot
+    take, a mistyped --val-data, sample.py's results in --data: one line each, and no --out-dir is made."""
+    out = tmp_path / "out"
+    for extra, words in ((["--init", str(tmp_path / "x.safetensors")], ["--init is the stage-1 model for --stage 2"]),
+                         (["--stage", "1", "--init", "x.safetensors"], ["--init"]),
+                         (["--crop-size", "8"], ["crop size 8 for the mixed degradation", "at least 16"]),
+                         (["--val-data", str(tmp_path / "typo")], [f"--val-data {tmp_path / 'typo'}: no such folder"])):
+        result, _ = run(args(photos, out, *extra))
+        one_line_error(result, *words)
+        assert not out.exists(), extra
+    (tmp_path / "file").write_text("")
+    result, _ = run(args(photos, tmp_path / "file"))
+    one_line_error(result, f"--out-dir {tmp_path / 'file'}: a file, not a folder")
+    mixed = tmp_path / "mine"
+    mixed.mkdir()
+    for name in ("brick.png", "camera.png"):
+        (mixed / name).write_bytes((photos / name).read_bytes())
+    (mixed / "brick_x4.png").write_bytes((photos / "brick.png").read_bytes())  # what sample.py mine/ writes
+    (mixed / "brick_x4_compare.png").write_bytes((photos / "brick.png").read_bytes())
+    model, stdout = run(args(mixed, out, "--stage", "1", "--max-steps", "1"))
+    assert isinstance(model, FlowSR)
+    assert f"warning: {mixed}: 2 results of sample.py (_x4.png, _x4_compare.png) are no training photos; left out" \
+        in stdout
+
+
+def test_default_photo_folders_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.parse(train.TrainConfig, [])
+    assert os.path.isdir(cfg.data) and os.path.isdir(cfg.val_data) and os.path.isabs(cfg.val_data)
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path, monkeypatch):
     model, stdout = run(args(photos, tmp_path, "--stage", "1", "--max-steps", "1", "--resume"))
     assert isinstance(model, FlowSR)  # nothing to resume: said, and the stage starts over

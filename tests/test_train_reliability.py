@@ -276,11 +276,15 @@ def free_port():
 
 
 def test_two_ranks_end_with_the_same_weights_and_only_rank0_writes(photos, tmp_path):
+    def both_ranks(*extra):  # each rank its own --out-dir, to see that rank 1 writes nothing
+        argvs = [args(photos, tmp_path / f"rank{rank}", "--max-steps", "2", *extra) for rank in (0, 1)]
+        torch.multiprocessing.start_processes(rank_worker, args=(free_port(), argvs, str(tmp_path)), nprocs=2,
+                                              start_method="spawn")
+        return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = both_ranks("--stage", "1")
+    assert same(results[0]["weights"], results[1]["weights"])
     init = tmp_path / "rank0" / "stage1.safetensors"  # stage 2 of both ranks reads rank 0's stage-1 file
-    argvs = [args(photos, tmp_path / f"rank{rank}", "--max-steps", "2", "--init", str(init)) for rank in (0, 1)]
-    torch.multiprocessing.start_processes(rank_worker, args=(free_port(), argvs, str(tmp_path)), nprocs=2,
-                                          start_method="spawn")
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = both_ranks("--stage", "2", "--init", str(init))
     assert not (tmp_path / "rank1").exists()  # rank 1 wrote nothing
     assert results[1]["stdout"] == "" and results[0]["stdout"].splitlines()[-1].startswith("saved: ")
     assert same(results[0]["weights"], results[1]["weights"])
@@ -520,3 +524,31 @@ def test_workers_are_created_with_the_stop_signals_blocked_and_none_is_lost(phot
         assert interrupted.requested  # delivered after the unblock, not lost
     assert set(training.STOP_SIGNALS) <= blocked[0]
     assert not set(training.STOP_SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line():
+    """The first Ctrl-C asks for a save at the end of the step; a second one (while that checkpoint is written,
+    say) stops at once: one TrainingError line, which train.py prints, not a traceback."""
+    from plumbing import training
+    with pytest.raises(training.TrainingError, match="stopped at once by a second Ctrl-C; .*--resume"):
+        with training.Interrupted() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupted.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises at the next bytecode; never reached
+    with pytest.raises(KeyboardInterrupt):  # a KeyboardInterrupt of another cause is left alone
+        with training.Interrupted():
+            raise KeyboardInterrupt
+
+
+def test_time_buckets_without_examples_are_shown_as_such(tmp_path):
+    """A window whose times never fell in a bucket (--p-fast 1 never draws t < 0.25): '-' and null, not a
+    loss of 0."""
+    from plumbing.training import LogWindow, StepReport
+    window, lines = LogWindow(), []
+    report = StepReport(1)
+    report.add(torch.tensor(1.0), torch.tensor([0.5, 0.25]), {"loss": 1.0}, torch.tensor([0.3, 0.9]))
+    window.add(report)
+    window.log(2, 10, 20, 1.0, lines.append, tmp_path / "log.jsonl")
+    assert "loss by t: - 0.5000 - 0.2500 |" in lines[0]
+    assert json.loads((tmp_path / "log.jsonl").read_text())["loss_by_t"] == [None, 0.5, None, 0.25]

@@ -232,3 +232,11 @@ def test_json_and_logs_are_read_as_utf8_whatever_the_locale(tmp_path):
                             cwd=root, capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "log.jsonl").read_bytes().count(b"\n") == 2 and b"\r" not in (tmp_path / "log.jsonl").read_bytes()
+
+
+def test_first_line_marks_what_it_cuts():
+    """A long library message inside one of ours ("{path}: {message}; move it away") is cut visibly."""
+    assert weights.first_line(ValueError("x" * 300)) == "x" * 200 + "..."
+    assert weights.first_line(ValueError("short\nsecond line")) == "short"
+    assert weights.first_line(ValueError("y" * 300), limit=None) == "y" * 300
+    assert weights.first_line(KeyError()) == "KeyError"
