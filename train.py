@@ -381,7 +381,7 @@ def main(argv=None):
             dataset = open_dataset(cfg, length, say)
             val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None
             if ranks.rank == 0:
-                held.enter_context(claimed_out_dir(cfg, stages))
+                held.enter_context(claimed_out_dir(cfg, stages, steps_for(cfg, 1)))
             for stage in stages:
                 model = train_stage(cfg, stage, dataset, val, ranks, interrupted)
     except (TrainingError, WeightsError, ImageError) as e:  # ImageError: the photos became unreadable

@@ -31,7 +31,7 @@ REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
 
 
 @contextlib.contextmanager
-def claimed_out_dir(cfg, stages):
+def claimed_out_dir(cfg, stages, stage1_steps):
     """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
     checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
     would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
@@ -50,7 +50,7 @@ def claimed_out_dir(cfg, stages):
     with lock, exclusive_lock(lock) as held:
         if not held:
             raise TrainingError(f"--out-dir {cfg.out_dir}: another train.py is writing into it")
-        check_nothing_replaced(cfg, stages)
+        check_nothing_replaced(cfg, stages, stage1_steps)
         yield
 
 
@@ -89,9 +89,11 @@ def exclusive_lock(handle):
                 release()
 
 
-def check_nothing_replaced(cfg, stages):
+def check_nothing_replaced(cfg, stages, stage1_steps):
     """A fresh run would replace the checkpoints of `stages` at its first save: refused, unless --overwrite. (A
-    model file without its state file is a checkpoint whose commit was cut short: --resume starts that stage over.)"""
+    model file without its state file is a checkpoint whose commit was cut short: --resume starts that stage over.)
+    So is a --resume whose stage 1 would train on (to `stage1_steps`) under a stage 2 that distils its model now:
+    that stage 2 could not go on, and only after stage 1 had run would it say so."""
     if cfg.resume and cfg.overwrite:
         raise TrainingError("--resume goes on from the checkpoints that --overwrite would replace: give one of them")
     for stage in () if cfg.overwrite else stages:
@@ -99,6 +101,13 @@ def check_nothing_replaced(cfg, stages):
         if not cfg.resume and (os.path.exists(model) or os.path.exists(state)):
             raise TrainingError(f"{model if os.path.exists(model) else state} is there from an earlier run: --resume "
                                 "goes on from it, --overwrite starts over, or give another --out-dir")
+    stage1_state, stage2_state = (os.path.join(cfg.out_dir, f"stage{n}_state.pt") for n in (1, 2))
+    if cfg.resume and stages == (1, 2) and os.path.exists(stage2_state) and os.path.exists(stage1_state):
+        step = load_state(stage1_state)["step"]
+        if step < stage1_steps:
+            raise TrainingError(f"stage 1 would train on from step {step} to {stage1_steps}, but {stage2_state} "
+                                f"distils its step-{step} model: move the stage-2 files away to train stage 2 again "
+                                "afterwards, or give --stage 1 or --stage 2")
 
 
 def stage1_path(cfg):

@@ -552,3 +552,18 @@ def test_time_buckets_without_examples_are_shown_as_such(tmp_path):
     window.log(2, 10, 20, 1.0, lines.append, tmp_path / "log.jsonl")
     assert "loss by t: - 0.5000 - 0.2500 |" in lines[0]
     assert json.loads((tmp_path / "log.jsonl").read_text())["loss_by_t"] == [None, 0.5, None, 0.25]
+
+
+def test_resume_that_would_retrain_stage1_under_a_distilled_stage2_is_refused_at_start(photos, tmp_path):
+    """A finished run resumed with more steps: stage 1 would train on, and only then would stage 2 find that it
+    distils another model. Refused before anything changes; each stage alone may go on."""
+    from test_train import one_line_error
+    out = tmp_path / "out"
+    model, _ = run(args(photos, out, "--max-steps", "1"))
+    assert isinstance(model, train.FlowSR)
+    before = {name: (out / name).read_bytes() for name in ("stage1.safetensors", "stage2_state.pt")}
+    result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))
+    one_line_error(result, "stage 1 would train on from step 1 to 2", "stage2_state.pt", "--stage 1 or --stage 2")
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    model, _ = run(args(photos, out, "--max-steps", "2", "--resume", "--stage", "2"))
+    assert isinstance(model, train.FlowSR)
