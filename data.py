@@ -287,6 +287,9 @@ class HRFolderDataset(torch.utils.data.Dataset):
         self.crop_size, self.scale, self.degradation, self.seed = crop_size, scale, degradation, seed
         listed = list_images(self.folder)
         candidates = [path for path in listed if not is_result(path)]
+        if listed and not candidates:
+            raise ValueError(f"{self.folder}: every image in it ({len(listed)}) is named as sample.py's results "
+                             f"({SR_SUFFIX}.png, {COMPARE_SUFFIX}.png), which are no training photos")
         if len(candidates) < len(listed):
             warnings.warn(f"{self.folder}: {len(listed) - len(candidates)} results of sample.py ({SR_SUFFIX}.png, "
                           f"{COMPARE_SUFFIX}.png) are no training photos; left out")

@@ -35,7 +35,7 @@ from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TAR
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, open_dataset,
                                 step_generator, synced_step, trainable)
-from plumbing.trainstate import Checkpoints, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
+from plumbing.trainstate import Checkpoints, check_paths, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
@@ -377,6 +377,7 @@ def main(argv=None):
             say = print if ranks.rank == 0 else (lambda *a, **k: None)
             say("config:\n" + describe(cfg), flush=True)
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)
+            check_paths(cfg, stages, steps_for(cfg, 1))  # on every rank, before the photos are read
             length = max(steps_for(cfg, stage) for stage in stages) * cfg.batch_size * ranks.world  # crops to draw
             dataset = open_dataset(cfg, length, say)
             val = validation_batch(cfg.val_data, cfg.crop_size, cfg.degradation, say) if ranks.rank == 0 else None

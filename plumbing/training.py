@@ -50,8 +50,8 @@ class Interrupted:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         if kind is KeyboardInterrupt and self.requested:
-            raise TrainingError("stopped at once by a second Ctrl-C; checkpoints are written whole or not at all, so "
-                                "--resume goes on from the last one saved") from None
+            raise TrainingError("stopped at once by a Ctrl-C after the stop request; checkpoints are written whole or "
+                                "not at all, so --resume goes on from the last one saved") from None
 
     def request(self, signum, frame):
         if self.requested and signum == signal.SIGINT:

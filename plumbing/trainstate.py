@@ -30,21 +30,30 @@ OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the op
 REQUIRED_PARTS = ("step", "signature", "config", "model", "optimizer")
 
 
-@contextlib.contextmanager
-def claimed_out_dir(cfg, stages, stage1_steps):
-    """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
-    checkpoints would interleave with this one's), and so is an --out-dir inside --data (the validation grids
-    would become training photos) or one whose checkpoints this run would replace (check_nothing_replaced)."""
-    out, out_key, data_key = os.path.realpath(cfg.out_dir or "."), path_key(cfg.out_dir or "."), path_key(cfg.data)
+def check_paths(cfg, stages, stage1_steps):
+    """What --out-dir, --data and --val-data must be, checked by reading only, on every rank and before the photos
+    are read: --out-dir a folder (or nothing yet) outside --data (the validation grids would become training
+    photos) holding nothing this run would replace (check_nothing_replaced), --val-data a folder ('': none)."""
+    out_key, data_key = path_key(cfg.out_dir or "."), path_key(cfg.data)
     if os.path.splitdrive(out_key)[0] == os.path.splitdrive(data_key)[0] and \
             os.path.commonpath([out_key, data_key]) == data_key:
         raise TrainingError(f"--out-dir {cfg.out_dir} is inside --data {cfg.data}: its grids would become training "
                             "photos")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.exists(cfg.out_dir or ".") and not os.path.isdir(cfg.out_dir or "."):
         raise TrainingError(f"--out-dir {cfg.out_dir}: a file, not a folder")
+    if cfg.val_data and not os.path.isdir(cfg.val_data):
+        raise TrainingError(f"--val-data {cfg.val_data}: "
+                            + ("not a folder" if os.path.exists(cfg.val_data) else "no such folder"))
+    check_nothing_replaced(cfg, stages, stage1_steps)
+
+
+@contextlib.contextmanager
+def claimed_out_dir(cfg, stages, stage1_steps):
+    """Make --out-dir and hold it for this run: a second train.py writing into it is refused (its log lines and
+    checkpoints would interleave with this one's); what check_paths found is checked again under the lock."""
     try:
-        os.makedirs(out, exist_ok=True)
-        lock = open(os.path.join(out, ".lock"), "a", encoding="utf-8")
+        os.makedirs(cfg.out_dir or ".", exist_ok=True)
+        lock = open(os.path.join(cfg.out_dir or ".", ".lock"), "a", encoding="utf-8")
     except OSError as e:
         raise TrainingError(f"--out-dir {cfg.out_dir}: {first_line(e)}") from None
     with lock, exclusive_lock(lock) as held:
@@ -102,8 +111,8 @@ def check_nothing_replaced(cfg, stages, stage1_steps):
             raise TrainingError(f"{model if os.path.exists(model) else state} is there from an earlier run: --resume "
                                 "goes on from it, --overwrite starts over, or give another --out-dir")
     stage1_state, stage2_state = (os.path.join(cfg.out_dir, f"stage{n}_state.pt") for n in (1, 2))
-    if cfg.resume and stages == (1, 2) and os.path.exists(stage2_state) and os.path.exists(stage1_state):
-        step = load_state(stage1_state)["step"]
+    if cfg.resume and stages == (1, 2) and os.path.exists(stage2_state):
+        step = load_state(stage1_state)["step"] if os.path.exists(stage1_state) else 0  # 0: stage 1 starts over
         if step < stage1_steps:
             raise TrainingError(f"stage 1 would train on from step {step} to {stage1_steps}, but {stage2_state} "
                                 f"distils its step-{step} model: move the stage-2 files away to train stage 2 again "
@@ -205,7 +214,8 @@ def load_into(stage, path, signature, teacher, cfg, say):
                             "move it away to start stage 2 over")
     old = json.loads(state["config"])
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-               if k in old and old[k] != v and k not in ("resume", "overwrite")]
+               if k in old and old[k] != v and k not in ("resume", "overwrite")
+               and not (k in ("data", "val_data") and old[k] and v and path_key(old[k]) == path_key(v))]
     if set(state["model"]) != {n for n, p in stage.model.named_parameters() if p.requires_grad}:
         raise TrainingError(f"{path}: its trainable weights do not match this run's model"
                             + (f" (changed settings: {', '.join(changed)})" if changed else ""))

@@ -238,7 +238,8 @@ def rename_durably(tmp, path):
 
 
 def first_line(error, limit=200):
-    """The first line of an exception's message (at most `limit` characters; None: all), for one-line errors."""
+    """The first line of an exception's message (cut after `limit` characters, marked by '...'; None: all), for
+    one-line errors."""
     text = str(error).strip().splitlines()
     if not text:
         return type(error).__name__

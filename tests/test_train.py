@@ -251,6 +251,13 @@ def test_flags_that_cannot_work_stop_before_anything_is_written(photos, tmp_path
     assert isinstance(model, FlowSR)
     assert f"warning: {mixed}: 2 results of sample.py (_x4.png, _x4_compare.png) are no training photos; left out" \
         in stdout
+    with pytest.warns(UserWarning, match="2 results of sample.py"):
+        assert [os.path.basename(p) for p in HRFolderDataset(mixed, 32).paths] == ["brick.png", "camera.png"]
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a_x4.png").write_bytes((photos / "brick.png").read_bytes())
+    result, _ = run(args(only, tmp_path / "out2"))
+    one_line_error(result, f"{only}: every image in it (1) is named as sample.py's results")
 
 
 def test_default_photo_folders_are_found_from_any_working_directory(tmp_path, monkeypatch):

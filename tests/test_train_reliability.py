@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -307,8 +308,9 @@ def test_out_dir_that_is_a_file_inside_the_data_or_in_use_is_one_line(photos, tm
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         result, _ = run(args(photos, tmp_path / "busy"))
     one_line_error(result, f"--out-dir {tmp_path / 'busy'}: another train.py is writing into it")
-    result, _ = run(args(photos, tmp_path / "anywhere", "--data", "/"))  # every folder is inside /
+    result, stdout = run(args(photos, tmp_path / "anywhere", "--data", "/"))  # every folder is inside /
     one_line_error(result, "is inside --data /")
+    assert "skipping" not in stdout  # refused before a single photo of / was read
 
 
 def test_a_new_run_does_not_replace_an_earlier_one_without_overwrite(photos, tmp_path):
@@ -457,7 +459,9 @@ def test_stage2_resumes_only_with_its_own_teacher_and_a_lost_model_file_is_writt
     assert f"note: {out / 'stage1.safetensors'} was missing; written again from {out / 'stage1_state.pt'}" in stdout
     model, _ = run(args(photos, out, "--max-steps", "1", "--resume"))  # the same weights: the same teacher
     assert isinstance(model, train.FlowSR)
-    result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))  # stage 1 goes on: another teacher
+    model, _ = run(args(photos, out, "--max-steps", "2", "--stage", "1", "--resume"))  # another teacher now
+    assert isinstance(model, train.FlowSR)
+    result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))
     one_line_error(result, f"{out / 'stage2_state.pt'} was distilled from another stage-1 model than "
                            f"{out / 'stage1.safetensors'}")
     result, _ = run(args(photos, tmp_path / "again", "--stage", "2", "--init", str(out / "stage2.safetensors")))
@@ -530,7 +534,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line():
     """The first Ctrl-C asks for a save at the end of the step; a second one (while that checkpoint is written,
     say) stops at once: one TrainingError line, which train.py prints, not a traceback."""
     from plumbing import training
-    with pytest.raises(training.TrainingError, match="stopped at once by a second Ctrl-C; .*--resume"):
+    with pytest.raises(training.TrainingError, match="stopped at once by a Ctrl-C after the stop request; .*resume"):
         with training.Interrupted() as interrupted:
             os.kill(os.getpid(), signal.SIGINT)
             assert interrupted.requested
@@ -565,5 +569,25 @@ def test_resume_that_would_retrain_stage1_under_a_distilled_stage2_is_refused_at
     result, _ = run(args(photos, out, "--max-steps", "2", "--resume"))
     one_line_error(result, "stage 1 would train on from step 1 to 2", "stage2_state.pt", "--stage 1 or --stage 2")
     assert all((out / name).read_bytes() == data for name, data in before.items())
+    os.rename(out / "stage1_state.pt", tmp_path / "stage1_state.pt")  # without it stage 1 starts over
+    result, _ = run(args(photos, out, "--max-steps", "1", "--resume"))
+    one_line_error(result, "stage 1 would train on from step 0 to 1")
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    os.rename(tmp_path / "stage1_state.pt", out / "stage1_state.pt")
     model, _ = run(args(photos, out, "--max-steps", "2", "--resume", "--stage", "2"))
     assert isinstance(model, train.FlowSR)
+
+
+def test_a_folder_named_another_way_is_no_changed_setting(photos, tmp_path, monkeypatch):
+    """Resuming with --data given relative where the run had it absolute (or the old relative defaults against
+    today's absolute ones) names the same folder: no "changed settings" note; another folder is noted."""
+    out = tmp_path / "out"
+    assert isinstance(run(args(photos, out, "--stage", "1", "--max-steps", "1"))[0], train.FlowSR)
+    monkeypatch.chdir(photos.parent)
+    _, stdout = run(args(os.path.basename(photos), out, "--stage", "1", "--max-steps", "2", "--resume"))
+    note = next(line for line in stdout.splitlines() if "changed settings" in line)
+    assert "resumed stage 1 at step 1" in stdout and note.endswith("changed settings: max_steps 1 -> 2")
+    other = tmp_path / "other"
+    shutil.copytree(photos, other)
+    _, stdout = run(args(other, out, "--stage", "1", "--max-steps", "3", "--resume"))
+    assert f"data {os.path.basename(photos)!r} -> {str(other)!r}" in stdout
