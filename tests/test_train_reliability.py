@@ -392,6 +392,7 @@ def test_a_file_system_without_locks_trains_unguarded(photos, tmp_path, monkeypa
 def test_windows_runs_lock_the_out_dir_with_msvcrt(photos, tmp_path, monkeypatch):
     """Without fcntl (Windows) the lock is msvcrt's, on the .lock file's first byte: taken without waiting, held
     for the run, released before the file closes; a lock another process holds refuses the run in one line."""
+    import builtins
     import sys
     import types
     from test_train import one_line_error
@@ -403,7 +404,13 @@ def test_windows_runs_lock_the_out_dir_with_msvcrt(photos, tmp_path, monkeypatch
         if mode == msvcrt.LK_NBLCK and lock_file in held_elsewhere:
             raise OSError(errno.EACCES, "Permission denied")
     msvcrt = types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=locking)
-    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError, as on Windows
+    real_import = builtins.__import__
+
+    def windows_import(name, globals=None, *args, **kwargs):  # the lock's `import fcntl` fails, as on Windows
+        if name == "fcntl" and (globals or {}).get("__name__") == "plumbing.trainstate":
+            raise ImportError("No module named 'fcntl'")
+        return real_import(name, globals, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", windows_import)  # (tqdm's own `import fcntl` keeps working)
     monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".lock").write_text("not empty")  # the locked byte is still the first
