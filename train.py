@@ -323,7 +323,7 @@ def train_stage(cfg, number, dataset, val, ranks, interrupted):
     stage = build(cfg, ranks.device, say)
     size = sum(p.numel() for p in trainable(stage.model)) / 1e6
     say(f"stage {number}: {size:.2f} M trainable parameters, {total} steps")
-    checkpoints = Checkpoints(cfg, stage, ranks)
+    checkpoints = Checkpoints(cfg, stage, ranks, total)
     step, window = checkpoints.resume(say)
     if step >= total:
         return stage.model

@@ -239,8 +239,8 @@ class Checkpoints:
     state stage{N}_state.pt, which commits the checkpoint, so that a failed or killed write leaves the last one
     intact. Rank 0 writes; every rank learns whether that worked."""
 
-    def __init__(self, cfg, stage, ranks):
-        self.cfg, self.stage, self.ranks = cfg, stage, ranks
+    def __init__(self, cfg, stage, ranks, total=None):
+        self.cfg, self.stage, self.ranks, self.total = cfg, stage, ranks, total  # total: the stage's last step
         self.model_path = os.path.join(cfg.out_dir, f"stage{stage.number}.safetensors")
         self.state_path = os.path.join(cfg.out_dir, f"stage{stage.number}_state.pt")
         self.signature = model_signature(cfg, stage.model)
@@ -251,6 +251,12 @@ class Checkpoints:
     def resume(self, say):
         """(step, log window) to go on from: the state file's with --resume (when there is one), else (0, empty)."""
         if not (self.cfg.resume and os.path.exists(self.state_path)):
+            if self.stage.number == 2:
+                recorded = json_object(read_metadata(stage1_path(self.cfg)).get(METADATA_KEY, "{}"),
+                                       stage1_path(self.cfg), f"'{METADATA_KEY}' metadata")
+                if (recorded.get("step") or 0) < (recorded.get("steps") or 0):  # older files have no "steps"
+                    say(f"note: {stage1_path(self.cfg)} is stage 1 at step {recorded['step']} of {recorded['steps']} "
+                        "(stopped early); stage 2 distils it as it is")
             if self.cfg.resume:
                 replaced = f" ({self.model_path}, written without it, is replaced)" if os.path.exists(
                     self.model_path) else ""
@@ -282,7 +288,8 @@ class Checkpoints:
 
     def write_model(self, step):
         """The tiny preset's whole model, or the sd21 preset's LoRA; the metadata holds the run's config."""
-        extra = {"stage": self.stage.number, "step": step, "train_config": dataclasses.asdict(self.cfg)}
+        extra = {"stage": self.stage.number, "step": step, "steps": self.total,
+                 "train_config": dataclasses.asdict(self.cfg)}
         if self.cfg.preset == "tiny":
             self.stage.model.save(self.model_path, extra)
         else:

@@ -598,3 +598,22 @@ def test_a_folder_named_another_way_is_no_changed_setting(photos, tmp_path, monk
     shutil.copytree(photos, other)
     _, stdout = run(args(other, out, "--stage", "1", "--max-steps", "3", "--resume"))
     assert f"data {os.path.basename(photos)!r} -> {str(other)!r}" in stdout
+
+
+def test_stage2_from_a_stage1_stopped_early_says_so(photos, tmp_path):
+    """The stage-1 file records its step and its run's last step; stage 2 from one saved before the end (a run
+    stopped with Ctrl-C) notes it, from a finished one it does not."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    out = tmp_path / "out"
+    assert isinstance(run(args(photos, out, "--stage", "1", "--max-steps", "1"))[0], train.FlowSR)
+    path = out / "stage1.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    recorded = json.loads(metadata["flowsr_model"])
+    assert (recorded["step"], recorded["steps"]) == (1, 1)
+    _, stdout = run(args(photos, tmp_path / "finished", "--stage", "2", "--max-steps", "1", "--init", str(path)))
+    assert "stopped early" not in stdout
+    save_file(tensors, path, {**metadata, "flowsr_model": json.dumps({**recorded, "steps": 5})})
+    _, stdout = run(args(photos, tmp_path / "early", "--stage", "2", "--max-steps", "1", "--init", str(path)))
+    assert f"note: {path} is stage 1 at step 1 of 5 (stopped early); stage 2 distils it as it is" in stdout
