@@ -25,9 +25,11 @@ Images are read with data.load_image (any mode becomes RGB; an alpha channel is 
 matches the GT file with the same stem, else the GT file whose stem is the SR stem without a trailing
 "_x4" ("baby_x4.png" scores against "baby.png"); stems keep their subfolder ("set5/baby"). Where an SR
 folder holds baby.png beside a baby_x4 four times its size (sample.py writes beside its inputs), baby.png is
-that result's input and is left out with a note, with or without --gt. Unmatched files are listed. A pair
-that cannot be scored (different sizes, unreadable file) is listed as an error and the exit status is 1; so is
-an unreadable file without --gt.
+that result's input and is left out with a note, with or without --gt. Unmatched files are listed. A GT whose
+sides are not multiples of 4 is cropped at the right and bottom to the SR's size when that is all that differs
+(the usual modcrop: an LR of floor(W/4) x floor(H/4) pixels gives an SR of 4 times that), with a note. A pair
+that cannot be scored (other sizes, unreadable file) is listed as an error and the exit status is 1; so is an
+unreadable file without --gt.
 """
 import dataclasses
 import functools
@@ -255,6 +257,10 @@ def evaluate_folders(sr_dir, gt_dir=None, lpips=None, dists=None):
         except data.ImageError as e:
             errors.append(f"{name}: {e}")
             continue
+        if gt is not None and sr.shape != gt.shape and [n // 4 * 4 for n in gt.shape[2:]] == list(sr.shape[2:]):
+            notes.append(f"{name}: GT {gt.shape[3]}x{gt.shape[2]} cropped to {sr.shape[3]}x{sr.shape[2]} at the "
+                         "right and bottom (x4 of its LR's whole pixels; the SR literature's modcrop)")
+            gt = gt[:, :, :sr.shape[2], :sr.shape[3]]
         if gt is not None and sr.shape != gt.shape:
             errors.append(f"{name}: SR {sr.shape[3]}x{sr.shape[2]} ({sr_path}) and GT "
                           f"{gt.shape[3]}x{gt.shape[2]} ({gt_path}) differ in size")

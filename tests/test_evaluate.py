@@ -223,6 +223,22 @@ def test_results_written_beside_their_inputs_pair_with_the_ground_truth(tmp_path
     assert f"{lr / 'p_x4.png'}: not a folder" in capsys.readouterr().err
 
 
+def test_ground_truth_of_odd_size_is_cropped_to_the_result_modcrop(tmp_path):
+    """An HR of 66x50 gives an LR of 16x12 and an SR of 64x48: the GT's right and bottom strip goes (a note says
+    so); any other difference in size stays an error."""
+    sr, gt = tmp_path / "sr", tmp_path / "gt"
+    sr.mkdir(), gt.mkdir()
+    hr = photo("chelsea.png", (120, 60, 186, 110))  # (50, 66, 3)
+    save(hr, gt / "a.png"), save(degrade(hr[:48, :64], 0), sr / "a_x4.png")
+    save(hr, gt / "b.png"), save(degrade(hr[:48, :60], 0), sr / "b_x4.png")
+    result = evaluate_folders(sr, gt)
+    (row,) = result["images"]
+    assert row["name"] == "a" and row["psnr_y"] == pytest.approx(
+        psnr_y(as_batch(degrade(hr[:48, :64], 0)), as_batch(hr[:48, :64])).item(), abs=1e-9)
+    assert "a: GT 66x50 cropped to 64x48 at the right and bottom" in result["notes"][0]
+    assert len(result["errors"]) == 1 and result["errors"][0].startswith("b: SR 60x48")
+
+
 # ----------------------------------------------------------------------------------------------------
 # DISTS
 
