@@ -359,9 +359,9 @@ def train_stage(cfg, number, dataset, val, ranks, interrupted):
             if step % cfg.ckpt_every == 0 or step == total or stop:
                 checkpoints.save(step, window)
             if stop:
+                bar.close()  # the bar's last state ends its line, so that "saved:" is a line of its own in a log
                 say(f"interrupted: saved stage {number} at step {step}/{total}; continue with --resume")
-                if ranks.rank == 0:
-                    print(f"saved: {checkpoints.model_path}", flush=True)
+                say(f"saved: {checkpoints.model_path}")
                 sys.exit(0)
     if ranks.world > 1:
         dist.barrier()  # the other ranks' stage 2 reads this stage's model file

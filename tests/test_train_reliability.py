@@ -133,9 +133,9 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start(argv, stdout):
+def start(argv, stdout, stderr=subprocess.DEVNULL):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
-                            stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=stdout, stderr=stderr, start_new_session=True)
 
 
 def wait_for_log_lines(process, out, n, timeout=60):
@@ -170,9 +170,10 @@ def test_killed_at_random_moments_resumes_to_the_same_weights(photos, reference,
 
 def test_sigterm_saves_and_exits_cleanly(photos, reference, tmp_path):
     """SIGTERM to the whole process group, as `kill -- -PGID` or a cluster scheduler sends it: the DataLoader
-    worker gets it too, and must leave the stopping to the main process."""
+    worker gets it too, and must leave the stopping to the main process. The log (stdout and stderr in one file,
+    as `> log 2>&1` makes it) ends with "saved:" on a line of its own, not after the progress bar."""
     with open(tmp_path / "stdout.txt", "w") as stdout:
-        process = start(args(photos, tmp_path, "--num-workers", "1"), stdout)
+        process = start(args(photos, tmp_path, "--num-workers", "1"), stdout, subprocess.STDOUT)
         wait_for_log_lines(process, tmp_path, 2)
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=60) == 0
