@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from degradations import degrade_bicubic, degrade_mixed, degrade_realesrgan
-from plumbing.paths import case_insensitive
+from plumbing.paths import case_insensitive, folder_problem
 from plumbing.weights import first_line, write_atomic
 
 DEGRADATIONS = {"realesrgan": degrade_realesrgan, "mixed": degrade_mixed,
@@ -158,8 +158,8 @@ def from_model(x):
 def list_images(folder):
     """Image files under folder, recursively, in a fixed order; hidden files and folders are left out."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: " + ("not a folder" if os.path.exists(folder) else "no such folder"))
+    if folder_problem(folder):
+        raise ValueError(f"{folder}: {folder_problem(folder)}")
     paths = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

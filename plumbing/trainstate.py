@@ -22,7 +22,7 @@ import os
 import torch
 
 from plumbing.checkpoints import METADATA_KEY, recorded_upsample
-from plumbing.paths import path_key
+from plumbing.paths import folder_problem, path_key
 from plumbing.training import LogWindow, TrainingError
 from plumbing.weights import first_line, json_object, read_metadata, tensors_digest, write_atomic
 
@@ -41,9 +41,8 @@ def check_paths(cfg, stages, stage1_steps):
                             "photos")
     if os.path.exists(cfg.out_dir or ".") and not os.path.isdir(cfg.out_dir or "."):
         raise TrainingError(f"--out-dir {cfg.out_dir}: a file, not a folder")
-    if cfg.val_data and not os.path.isdir(cfg.val_data):
-        raise TrainingError(f"--val-data {cfg.val_data}: "
-                            + ("not a folder" if os.path.exists(cfg.val_data) else "no such folder"))
+    if cfg.val_data and folder_problem(cfg.val_data):
+        raise TrainingError(f"--val-data {cfg.val_data}: {folder_problem(cfg.val_data)}")
     check_nothing_replaced(cfg, stages, stage1_steps)
 
 
@@ -252,11 +251,11 @@ class Checkpoints:
         """(step, log window) to go on from: the state file's with --resume (when there is one), else (0, empty)."""
         if not (self.cfg.resume and os.path.exists(self.state_path)):
             if self.stage.number == 2:
-                recorded = json_object(read_metadata(stage1_path(self.cfg)).get(METADATA_KEY, "{}"),
-                                       stage1_path(self.cfg), f"'{METADATA_KEY}' metadata")
+                init = stage1_path(self.cfg)
+                recorded = json_object(read_metadata(init).get(METADATA_KEY, "{}"), init, f"'{METADATA_KEY}' metadata")
                 if (recorded.get("step") or 0) < (recorded.get("steps") or 0):  # older files have no "steps"
-                    say(f"note: {stage1_path(self.cfg)} is stage 1 at step {recorded['step']} of {recorded['steps']} "
-                        "(stopped early); stage 2 distils it as it is")
+                    say(f"note: {init} is stage 1 at step {recorded['step']} of {recorded['steps']} (stopped early); "
+                        "stage 2 distils it as it is")
             if self.cfg.resume:
                 replaced = f" ({self.model_path}, written without it, is replaced)" if os.path.exists(
                     self.model_path) else ""

@@ -7,21 +7,16 @@ from torchvision.utils import make_grid
 
 from data import DEGRADATIONS, ImageError, from_model, list_images, load_image, save_image, to_model
 from flow import sample
-from plumbing.training import TrainingError
 
 
 def validation_batch(folder, crop_size, degradation, say, n=4):
     """(x_hr, x_lr) of the first n photos in folder: centre crops (a smaller photo is scaled up to the crop
     size), degraded like the training inputs (`degradation`: a name in data.DEGRADATIONS) with fixed seeds; None
-    when there is no readable photo, or no folder (''). A folder that is not there is an error: a mistyped
-    --val-data."""
+    when there is no readable photo, or no folder (''; train.py has checked that a folder given is one)."""
     if not folder:
         say("no validation grids (--val-data '')")
         return None
-    try:
-        paths = list_images(folder)[:n]
-    except ValueError as e:
-        raise TrainingError(f"--val-data {e}") from None
+    paths = list_images(folder)[:n]
     x_hrs, x_lrs = [], []
     for i, path in enumerate(paths):
         try:
