@@ -168,21 +168,43 @@ def test_niqe_column_with_ground_truth(tmp_path):
 
 def test_niqe_probe_adds_what_its_rows_say():
     """bench/niqe_probe.py: a share of 1 of the missing detail is the HR photo itself, the grain is grey (equal in
-    R, G and B) with the std asked for, unsharp masking leaves a flat image flat, and the misplaced detail is the
-    missing detail moved by (7, 11) px."""
+    R, G and B) with the std asked for, unsharp masking and blur leave a flat image flat, the misplaced detail is
+    the missing detail moved by (7, 11) px, and nearest-neighbour up-sampling repeats each LR pixel 4 x 4."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     from niqe_probe import NIQEProbeConfig, variants
 
-    cfg = NIQEProbeConfig(detail=["1"], noise=["3"], unsharp=["1"], shifted=["1"])
+    cfg = NIQEProbeConfig(detail=["1"], noise=["3"], unsharp=["1"], shifted=["1"], blur=["2"])
     hr = torch.rand(1, 3, 64, 64)
     bicubic = torch.rand(1, 3, 64, 64)
-    rows = dict(variants(cfg, bicubic, hr, torch.Generator().manual_seed(0)))
+    lr = torch.rand(1, 3, 16, 16)
+    rows = dict(variants(cfg, lr, bicubic, hr, torch.Generator().manual_seed(0)))
     assert torch.equal(rows["bicubic"], bicubic) and torch.equal(rows["HR photo"], hr)
     assert torch.allclose(rows["+ 1 of the missing detail"], hr, atol=1e-6)
     grain = rows["+ grey noise, std 3 levels"] - bicubic  # (1, 3, H, W)
     assert torch.allclose(grain[:, 0], grain[:, 1], atol=1e-6) and torch.allclose(grain[:, 0], grain[:, 2], atol=1e-6)
     assert abs(grain.std().item() * 255 - 3) < 0.2
     flat = torch.full((1, 3, 64, 64), 0.5)
-    assert torch.allclose(dict(variants(cfg, flat, hr, torch.Generator()))["unsharp masking, amount 1"], flat)
+    flat_rows = dict(variants(cfg, lr, flat, hr, torch.Generator()))
+    assert torch.allclose(flat_rows["unsharp masking, amount 1"], flat)
+    assert torch.allclose(flat_rows["Gaussian blur, sigma 2 px"], flat, atol=1e-6)
+    assert not torch.allclose(rows["Gaussian blur, sigma 2 px"], bicubic, atol=1e-3)
     moved = rows["+ 1 of the missing detail, shifted by (7, 11) px"] - bicubic
     assert torch.allclose(moved[..., 7:, 11:], (hr - bicubic)[..., :-7, :-11], atol=1e-6)
+    nearest = lr.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # (1, 3, 64, 64)
+    assert torch.equal(rows["nearest-neighbour up-sampling instead"], nearest)
+    assert rows["bilinear up-sampling instead"].shape == (1, 3, 64, 64)
+
+
+def test_niqe_probe_offsets_move_the_crop(monkeypatch):
+    """The noise table scores the photo cropped 16 px smaller at each offset, right and down: with a stand-in
+    score that reads the crop's top-left pixel, the HR entries are the photo's pixels on the diagonal."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import niqe_probe
+
+    monkeypatch.setattr(niqe_probe, "niqe", lambda x: x[:, 0, 0, 0])
+    hr = torch.rand(3, 48, 64)
+    spread = niqe_probe.offset_spread(niqe_probe.NIQEProbeConfig(offsets=["0", "5", "16"]), hr)
+    assert set(spread) == {"bicubic", "nearest-neighbour", "HR photo"}
+    expected = [(hr[0, o, o] * 255).round().item() / 255 for o in (0, 5, 16)]
+    assert spread["HR photo"] == pytest.approx(expected, abs=1e-6)
+    assert len(spread["bicubic"]) == len(spread["nearest-neighbour"]) == 3
