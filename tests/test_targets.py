@@ -73,7 +73,21 @@ def test_runs_on_a_folder_and_writes_its_verdicts(tmp_path):
     assert [list(v) for v in fidelity] == report["verdicts"][:6]
 
 
+def test_niqe_offsets_average_the_crops_moved_right_and_down(monkeypatch):
+    """--niqe-offsets: the mean over crops at each offset, each smaller by the largest offset; the whole image
+    without offsets; None where a crop is under NIQE's minimum size."""
+    monkeypatch.setattr(targets, "niqe", lambda x: x[:, 0, 0, 0] * 1000 + x.shape[2] + x.shape[3] / 1000)
+    sr = torch.rand(1, 3, 200, 230)
+    whole = sr[0, 0, 0, 0].item() * 1000 + 200 + 0.23
+    assert targets.niqe_score(sr, []) == pytest.approx(whole)
+    moved = [sr[0, 0, o, o].item() * 1000 + 197 + 0.227 for o in (0, 3)]  # crops of 197 x 227
+    assert targets.niqe_score(sr, [0, 3]) == pytest.approx(sum(moved) / 2)
+    assert targets.niqe_score(sr, [0, 8]) is None  # 192 px: under NIQE_MIN_SIZE
+    assert targets.niqe_score(sr[..., :192, :], []) is None
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--heldout", "{tmp}", "--niqe-offsets", "0", "-4"], "--niqe-offsets take whole numbers of pixels"),
     (["--heldout", "{tmp}/nowhere"], "not a folder of photos"),
     (["--heldout", "{tmp}", "--crop", "100"], "--crop 100: NIQE needs at least 208"),
     (["--heldout", "{tmp}", "--checkpoint", "{tmp}/missing.safetensors"], "missing.safetensors"),
