@@ -14,9 +14,9 @@ without restoring anything, in either direction, which is why the reproduction's
 NIQE column.
 
 A second table shows how much of a photo's NIQE is measurement noise: the same photo cropped a few pixels
-further right and down (each crop 16 px smaller than the photo) and scored the same ways. NIQE fits a
-36-dimensional Gaussian to the features of 96-px patches, and a photo of a few hundred pixels has only a dozen
-or two of them.
+further right and down (each crop smaller by the largest offset, rounded up to a multiple of 4) and scored the
+same ways. NIQE fits a 36-dimensional Gaussian to the features of 96-px patches, and a photo of a few hundred
+pixels has only a dozen or two of them.
 """
 import os
 import statistics
@@ -48,7 +48,7 @@ class NIQEProbeConfig:
     unsharp: list = flag(["0.5", "1"], "amounts of unsharp masking (Gaussian sigma 1)")
     shifted: list = flag(["0.25", "0.5"], "shares of HR - bicubic to add back shifted by (7, 11) px")
     blur: list = flag(["1", "2"], "sigmas (px) of a Gaussian blur of the bicubic output")
-    offsets: list = flag(["0", "4", "8", "12", "16"], "crop offsets (px, right and down) of the noise table")
+    offsets: list = flag(["0", "4", "8", "12", "16"], "crop offsets (px, right and down; 0-16) of the noise table")
 
 
 def variants(cfg, lr, bicubic, hr, generator):
@@ -73,11 +73,13 @@ def variants(cfg, lr, bicubic, hr, generator):
 
 def offset_spread(cfg, hr):
     """{label: [NIQE per crop offset]} of bicubic, nearest-neighbour and the HR photo itself; hr (3, H, W)."""
-    h, w = hr.shape[1] - 16, hr.shape[2] - 16
+    offsets = [int(n) for n in cfg.offsets]
+    cut = -(-max(offsets) // 4) * 4  # the largest offset, up to a multiple of 4: the crops are degraded x4
+    h, w = hr.shape[1] - cut, hr.shape[2] - cut
     spread = {}
-    for offset in map(int, cfg.offsets):
-        crop = hr[:, offset:offset + h, offset:offset + w][None]  # (1, 3, H - 16, W - 16)
-        lr = degrade_bicubic(crop[0], 4)[None]  # (1, 3, (H - 16) / 4, (W - 16) / 4)
+    for offset in offsets:
+        crop = hr[:, offset:offset + h, offset:offset + w][None]  # (1, 3, h, w)
+        lr = degrade_bicubic(crop[0], 4)[None]  # (1, 3, h / 4, w / 4)
         for label, image in (("bicubic", F.interpolate(lr, scale_factor=4, mode="bicubic")),
                              ("nearest-neighbour", F.interpolate(lr, scale_factor=4, mode="nearest")),
                              ("HR photo", crop)):
@@ -87,7 +89,7 @@ def offset_spread(cfg, hr):
 
 def main(argv=None):
     cfg = parse(NIQEProbeConfig, argv)
-    if not all(n.isdigit() and int(n) <= 16 for n in cfg.offsets):
+    if not cfg.offsets or not all(n.isdigit() and int(n) <= 16 for n in cfg.offsets):
         sys.exit(f"error: --offsets take whole numbers from 0 to 16, got {' '.join(cfg.offsets)}")
     print("config:\n" + describe(cfg))
     generator = torch.Generator().manual_seed(cfg.eval_seed)

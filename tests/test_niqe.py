@@ -196,15 +196,17 @@ def test_niqe_probe_adds_what_its_rows_say():
 
 
 def test_niqe_probe_offsets_move_the_crop(monkeypatch):
-    """The noise table scores the photo cropped 16 px smaller at each offset, right and down: with a stand-in
-    score that reads the crop's top-left pixel, the HR entries are the photo's pixels on the diagonal."""
+    """The noise table scores the photo cropped at each offset, right and down, every crop smaller by the largest
+    offset rounded up to a multiple of 4: with a stand-in score that reads the crop's height and top-left pixel,
+    the HR entries are the photo's pixels on the diagonal."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
     import niqe_probe
 
-    monkeypatch.setattr(niqe_probe, "niqe", lambda x: x[:, 0, 0, 0])
+    monkeypatch.setattr(niqe_probe, "niqe", lambda x: x[:, 0, 0, 0] + 10 * x.shape[2])
     hr = torch.rand(3, 48, 64)
-    spread = niqe_probe.offset_spread(niqe_probe.NIQEProbeConfig(offsets=["0", "5", "16"]), hr)
-    assert set(spread) == {"bicubic", "nearest-neighbour", "HR photo"}
-    expected = [(hr[0, o, o] * 255).round().item() / 255 for o in (0, 5, 16)]
-    assert spread["HR photo"] == pytest.approx(expected, abs=1e-6)
-    assert len(spread["bicubic"]) == len(spread["nearest-neighbour"]) == 3
+    for offsets, height in ((["0", "5", "16"], 32), (["0", "5"], 40)):
+        spread = niqe_probe.offset_spread(niqe_probe.NIQEProbeConfig(offsets=offsets), hr)
+        assert set(spread) == {"bicubic", "nearest-neighbour", "HR photo"}
+        expected = [(hr[0, int(o), int(o)] * 255).round().item() / 255 + 10 * height for o in offsets]
+        assert spread["HR photo"] == pytest.approx(expected, abs=1e-5)
+        assert len(spread["bicubic"]) == len(spread["nearest-neighbour"]) == len(offsets)
