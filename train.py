@@ -35,7 +35,7 @@ from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TAR
 from plumbing.flags import describe, flag, parse
 from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, open_dataset,
                                 step_generator, synced_step, trainable)
-from plumbing.trainstate import Checkpoints, check_paths, check_stage1_flags, claimed_out_dir, stage1_path, trim_log
+from plumbing.trainstate import Checkpoints, check_paths, check_stage1_flags, claimed_out_dir, stage1_path, trim_history
 from plumbing.validation import save_validation_grid, validation_batch
 from plumbing.weights import WeightsError
 from schedulers import sample_adjacent_pairs, sample_times
@@ -329,7 +329,7 @@ def train_stage(cfg, number, dataset, val, ranks, interrupted):
         return stage.model
     log_path = os.path.join(cfg.out_dir, "log.jsonl") if ranks.rank == 0 else None
     if ranks.rank == 0:
-        trim_log(log_path, number, step)
+        trim_history(cfg.out_dir, number, step)
     bad_in_row, started = 0, time.time()
     stage.model.train()
     with tqdm(total=total, initial=step, desc=f"stage {number}", disable=ranks.rank != 0, dynamic_ncols=True) as bar:

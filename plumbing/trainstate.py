@@ -18,6 +18,7 @@ import functools
 import io
 import json
 import os
+import re
 
 import torch
 
@@ -187,6 +188,17 @@ def load_optimizer(optimizer, saved):
     optimizer.load_state_dict(saved)
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
+
+
+def trim_history(out_dir, stage, step):
+    """Keep what OUT_DIR says about the steps up to (stage, step), the steps after it being about to be (re)done
+    (a resumed or --overwrite run): the log's lines and the validation grids of later steps go."""
+    trim_log(os.path.join(out_dir, "log.jsonl"), stage, step)
+    grids = os.path.join(out_dir, "val")
+    for name in sorted(os.listdir(grids)) if os.path.isdir(grids) else ():
+        match = re.fullmatch(r"stage([12])_(\d{6,})\.png", name)  # as save_validation_grid names them
+        if match and (int(match[1]), int(match[2])) > (stage, step):
+            os.remove(os.path.join(grids, name))
 
 
 def trim_log(path, stage, step):

@@ -329,9 +329,12 @@ def test_a_new_run_does_not_replace_an_earlier_one_without_overwrite(photos, tmp
     assert isinstance(model, train.FlowSR), model
     result, _ = run(args(photos, out, "--stage", "1", "--resume", "--overwrite"))
     one_line_error(result, "--resume goes on from the checkpoints that --overwrite would replace")
+    assert (out / "val" / "stage2_000001.png").exists()
     model, _ = run(args(photos, out, "--stage", "1", "--max-steps", "1", "--seed", "1", "--overwrite"))
     assert isinstance(model, train.FlowSR), model
     assert (out / "stage1.safetensors").read_bytes() != earlier
+    # the stage-2 grid showed the replaced teacher's student: it goes with the log lines after stage 1's start
+    assert sorted(os.listdir(out / "val")) == ["stage1_000001.png"]
     (out / "stage2.safetensors").unlink()  # a state file alone is an earlier run too
     result, _ = run(args(photos, out, "--stage", "2", "--max-steps", "1"))
     one_line_error(result, f"{out / 'stage2_state.pt'} is there from an earlier run")
@@ -618,3 +621,21 @@ def test_stage2_from_a_stage1_stopped_early_says_so(photos, tmp_path):
     save_file(tensors, path, {**metadata, "flowsr_model": json.dumps({**recorded, "steps": 5})})
     _, stdout = run(args(photos, tmp_path / "early", "--stage", "2", "--max-steps", "1", "--init", str(path)))
     assert f"note: {path} is stage 1 at step 1 of 5 (stopped early); stage 2 distils it as it is" in stdout
+
+
+def test_trim_history_keeps_what_is_not_redone(tmp_path):
+    """Log lines and validation grids after (stage, step) go, since those steps are about to be done again;
+    earlier ones and files train.py does not name stay."""
+    from plumbing.trainstate import trim_history
+    (tmp_path / "val").mkdir()
+    names = ["stage1_000250.png", "stage1_000500.png", "stage1_000750.png", "stage2_000001.png", "notes.png",
+             "stage1_final.png"]
+    for name in names:
+        (tmp_path / "val" / name).write_bytes(b"")
+    lines = [{"stage": 1, "step": 500}, {"stage": 1, "step": 750}, {"stage": 2, "step": 1}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trim_history(str(tmp_path), 1, 500)
+    assert sorted(os.listdir(tmp_path / "val")) == ["notes.png", "stage1_000250.png", "stage1_000500.png",
+                                                    "stage1_final.png"]
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == lines[:1]
+    trim_history(str(tmp_path / "nothing_here"), 1, 0)  # a fresh --out-dir: nothing to trim
