@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 from data import gaussian_blur  # noqa: E402
 from degradations import degrade_bicubic  # noqa: E402
-from evaluate import niqe, psnr_y  # noqa: E402
+from evaluate import NIQE_MIN_SIZE, niqe, psnr_y  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from report import run_main  # noqa: E402
 from reproduce import heldout_set, to_8bit  # noqa: E402
@@ -91,6 +91,10 @@ def main(argv=None):
     cfg = parse(NIQEProbeConfig, argv)
     if not cfg.offsets or not all(n.isdigit() and int(n) <= 16 for n in cfg.offsets):
         sys.exit(f"error: --offsets take whole numbers from 0 to 16, got {' '.join(cfg.offsets)}")
+    cut = max(map(int, cfg.offsets))
+    if cfg.crop and cfg.crop // 16 * 16 - cut < NIQE_MIN_SIZE:  # heldout_set cuts crops to multiples of 16
+        sys.exit(f"error: --crop {cfg.crop} less the largest offset ({cut}) is under {NIQE_MIN_SIZE} px, too small "
+                 "for NIQE")
     print("config:\n" + describe(cfg))
     generator = torch.Generator().manual_seed(cfg.eval_seed)
     table, names, spreads = {}, [], []

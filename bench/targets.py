@@ -130,6 +130,9 @@ def main(argv=None):
     if not all(n.isdigit() for n in cfg.niqe_offsets):
         sys.exit(f"error: --niqe-offsets take whole numbers of pixels, got {' '.join(cfg.niqe_offsets)}")
     offsets = [int(n) for n in cfg.niqe_offsets]
+    if cfg.crop and cfg.crop // 16 * 16 - max(offsets, default=0) < NIQE_MIN_SIZE:
+        sys.exit(f"error: --crop {cfg.crop} less the largest --niqe-offsets ({max(offsets)}) is under "
+                 f"{NIQE_MIN_SIZE} px, too small for NIQE")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print("config:\n" + describe(cfg), flush=True)

@@ -9,8 +9,11 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from data import gaussian_blur
+from degradations import degrade_bicubic
 from evaluate import NIQE_MODEL, evaluate_folders, load_niqe_model, main, niqe, rgb_to_gray
 from plumbing.weights import WeightsError, save_atomic
 
@@ -187,12 +190,12 @@ def test_niqe_probe_adds_what_its_rows_say():
     flat_rows = dict(variants(cfg, lr, flat, hr, torch.Generator()))
     assert torch.allclose(flat_rows["unsharp masking, amount 1"], flat)
     assert torch.allclose(flat_rows["Gaussian blur, sigma 2 px"], flat, atol=1e-6)
-    assert not torch.allclose(rows["Gaussian blur, sigma 2 px"], bicubic, atol=1e-3)
+    assert torch.equal(rows["Gaussian blur, sigma 2 px"], gaussian_blur(bicubic[0], 2.0)[None])
     moved = rows["+ 1 of the missing detail, shifted by (7, 11) px"] - bicubic
     assert torch.allclose(moved[..., 7:, 11:], (hr - bicubic)[..., :-7, :-11], atol=1e-6)
     nearest = lr.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)  # (1, 3, 64, 64)
     assert torch.equal(rows["nearest-neighbour up-sampling instead"], nearest)
-    assert rows["bilinear up-sampling instead"].shape == (1, 3, 64, 64)
+    assert torch.equal(rows["bilinear up-sampling instead"], F.interpolate(lr, scale_factor=4, mode="bilinear"))
 
 
 def test_niqe_probe_offsets_move_the_crop(monkeypatch):
@@ -209,4 +212,19 @@ def test_niqe_probe_offsets_move_the_crop(monkeypatch):
         assert set(spread) == {"bicubic", "nearest-neighbour", "HR photo"}
         expected = [(hr[0, int(o), int(o)] * 255).round().item() / 255 + 10 * height for o in offsets]
         assert spread["HR photo"] == pytest.approx(expected, abs=1e-3)
-        assert len(spread["bicubic"]) == len(spread["nearest-neighbour"]) == len(offsets)
+        lr = degrade_bicubic(hr[:, 5:5 + height, 5:5 + height + 16], 4)[None]  # the crop at offset 5
+        for label, mode in (("bicubic", "bicubic"), ("nearest-neighbour", "nearest")):
+            up = (F.interpolate(lr, scale_factor=4, mode=mode).clamp(0, 1) * 255).round() / 255  # as scored
+            assert spread[label][1] == pytest.approx(up[0, 0, 0, 0].item() + 10 * height, abs=1e-3)
+
+
+def test_niqe_probe_refuses_offsets_it_cannot_crop(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import niqe_probe
+
+    for argv, message in ((["--offsets", "0", "17"], "--offsets take whole numbers from 0 to 16"),
+                          (["--offsets"], "--offsets take whole numbers from 0 to 16"),
+                          (["--crop", "208"], "--crop 208 less the largest offset (16) is under 193 px")):
+        with pytest.raises(SystemExit) as stop:
+            niqe_probe.main(argv)
+        assert str(stop.value).startswith("error: ") and message in str(stop.value)

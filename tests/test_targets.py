@@ -84,10 +84,12 @@ def test_niqe_offsets_average_the_crops_moved_right_and_down(monkeypatch):
     assert targets.niqe_score(sr, [0, 3]) == pytest.approx(sum(moved) / 2)
     assert targets.niqe_score(sr, [0, 8]) is None  # 192 px: under NIQE_MIN_SIZE
     assert targets.niqe_score(sr[..., :192, :], []) is None
+    assert targets.niqe_score(sr[..., :193, :], []) is not None and targets.niqe_score(sr, [0, 7]) is not None
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--heldout", "{tmp}", "--niqe-offsets", "0", "-4"], "--niqe-offsets take whole numbers of pixels"),
+    (["--heldout", "{tmp}", "--crop", "208", "--niqe-offsets", "0", "16"], "--crop 208 less the largest"),
     (["--heldout", "{tmp}/nowhere"], "not a folder of photos"),
     (["--heldout", "{tmp}", "--crop", "100"], "--crop 100: NIQE needs at least 208"),
     (["--heldout", "{tmp}", "--checkpoint", "{tmp}/missing.safetensors"], "missing.safetensors"),

@@ -102,9 +102,12 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_one(photos, refer
     state = torch.load(tmp_path / f"stage{stage}_state.pt", weights_only=True)
     assert state["step"] == 3 and state["optimizer"]["state"][0]["step"] == 3  # AdamW's own count
     assert signal.getsignal(signal.SIGINT) is handler  # train.main gives the handlers back
+    grid = tmp_path / "val" / f"stage{stage}_000003.png"  # of the step resumed from: not done again, so it stays
+    written = grid.read_bytes()
     model, stdout = run(args(photos, tmp_path, "--resume"))
     assert isinstance(model, torch.nn.Module)
     assert f"resumed stage {stage} at step 3" in stdout
+    assert grid.read_bytes() == written
     assert_same_run(tmp_path, reference)
 
 
