@@ -71,11 +71,16 @@ def variants(cfg, lr, bicubic, hr, generator):
     return rows + [("HR photo", hr)]
 
 
+def offset_cut(offsets):
+    """How much smaller than the photo each crop is: the largest offset, up to a multiple of 4 (the crops are
+    degraded x4)."""
+    return -(-max(offsets) // 4) * 4
+
+
 def offset_spread(cfg, hr):
     """{label: [NIQE per crop offset]} of bicubic, nearest-neighbour and the HR photo itself; hr (3, H, W)."""
     offsets = [int(n) for n in cfg.offsets]
-    cut = -(-max(offsets) // 4) * 4  # the largest offset, up to a multiple of 4: the crops are degraded x4
-    h, w = hr.shape[1] - cut, hr.shape[2] - cut
+    h, w = hr.shape[1] - offset_cut(offsets), hr.shape[2] - offset_cut(offsets)
     spread = {}
     for offset in offsets:
         crop = hr[:, offset:offset + h, offset:offset + w][None]  # (1, 3, h, w)
@@ -91,7 +96,7 @@ def main(argv=None):
     cfg = parse(NIQEProbeConfig, argv)
     if not cfg.offsets or not all(n.isdigit() and int(n) <= 16 for n in cfg.offsets):
         sys.exit(f"error: --offsets take whole numbers from 0 to 16, got {' '.join(cfg.offsets)}")
-    cut = max(map(int, cfg.offsets))
+    cut = offset_cut([int(n) for n in cfg.offsets])
     if cfg.crop and cfg.crop // 16 * 16 - cut < NIQE_MIN_SIZE:  # heldout_set cuts crops to multiples of 16
         sys.exit(f"error: --crop {cfg.crop} less the largest offset ({cut}) is under {NIQE_MIN_SIZE} px, too small "
                  "for NIQE")

@@ -18,13 +18,13 @@ import functools
 import io
 import json
 import os
-import re
 
 import torch
 
 from plumbing.checkpoints import METADATA_KEY, recorded_upsample
 from plumbing.paths import folder_problem, path_key
 from plumbing.training import LogWindow, TrainingError
+from plumbing.validation import grids_after
 from plumbing.weights import first_line, json_object, read_metadata, tensors_digest, write_atomic
 
 OPTIONAL_PARTS = ("target", "discriminator", "d_optimizer")  # stage 2's, the optimizer only while --gan-weight > 0
@@ -194,11 +194,8 @@ def trim_history(out_dir, stage, step):
     """Keep what OUT_DIR says about the steps up to (stage, step), the steps after it being about to be (re)done
     (a resumed or --overwrite run): the log's lines and the validation grids of later steps go."""
     trim_log(os.path.join(out_dir, "log.jsonl"), stage, step)
-    grids = os.path.join(out_dir, "val")
-    for name in sorted(os.listdir(grids)) if os.path.isdir(grids) else ():
-        match = re.fullmatch(r"stage([12])_(\d{6,})\.png", name)  # as save_validation_grid names them
-        if match and (int(match[1]), int(match[2])) > (stage, step):
-            os.remove(os.path.join(grids, name))
+    for path in grids_after(out_dir, stage, step):
+        os.remove(path)
 
 
 def trim_log(path, stage, step):

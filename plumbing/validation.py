@@ -1,5 +1,6 @@
 """The validation grids of train.py: the same held-out crops every time, and what the model makes of them."""
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,20 @@ def save_validation_grid(model, val, out_dir, stage, step, say):
     sr = model.decode(sample(model, model.encode(up), None, torch.tensor([1.0, 0.0]))).clamp(-1, 1)
     rows = torch.stack([up, sr, x_hr], dim=1).flatten(0, 1)  # (3B, 3, H, W)
     try:
-        save_image(make_grid(from_model(rows), nrow=3, padding=2),
-                   os.path.join(out_dir, "val", f"stage{stage}_{step:06d}.png"))
+        save_image(make_grid(from_model(rows), nrow=3, padding=2), os.path.join(out_dir, "val", grid_name(stage, step)))
     except OSError as e:
         say(f"warning: no validation grid: {e}")
     model.train()
+
+
+def grid_name(stage, step):
+    return f"stage{stage}_{step:06d}.png"
+
+
+def grids_after(out_dir, stage, step):
+    """Paths of the grids in OUT_DIR/val of steps after (stage, step); other files there are not ours."""
+    folder = os.path.join(out_dir, "val")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = [(name, re.fullmatch(r"stage([12])_(\d{6,})\.png", name)) for name in names]  # as grid_name writes
+    return [os.path.join(folder, name) for name, match in found
+            if match and (int(match[1]), int(match[2])) > (stage, step)]
