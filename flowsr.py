@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import clip
 import lora
+import texture as texture_model
 from unet import UNet, UNetConfig
 from flow import sample
 from schedulers import flow_match_sigmas
@@ -45,6 +46,7 @@ FLOWSR_PROMPT_IDS = (49406, 320, 1400, 268, 9977, 267, 279, 330, 267, 8118, 268,
 SD2_PAD_ID = 0
 TINY_FLAT_GATE = 0.02  # k of FlowSR.detail_gate ([-1, 1] units: 2.55 grey levels): half open at FLAT_CONTRAST + k
 TINY_PIXEL_HEAD = 32  # hidden channels of the tiny preset's PixelHead
+TINY_TEXTURE = 64  # hidden channels of the tiny preset's texture.TexturePredictor
 # FlowSR.detail_gate: local contrast under three 8-bit grey levels (x2 / 255: images are in [-1, 1]) is not detail.
 # The contrast is zero on a linear ramp: in the bicubic up-sampling the gate reads, an LR step edge stays under
 # this floor up to about 65 levels, so only stronger edges and fine texture open the gate.
@@ -97,14 +99,17 @@ class PixelHead(nn.Module):
 class FlowSR(nn.Module):
     """The velocity v(z, t) = g(z) * h(UNet(z, 1000 t, c), z) of FlowSR's flow, with its autoencoder (`ae`: E and
     D) and fixed context c. sd21: h and g are the identity (the UNet's output is the velocity); tiny: h is the
-    PixelHead and g the detail gate, each optional. `super_resolve` below runs it on images."""
+    PixelHead and g the detail gate, each optional, and `texture` the predictor of texture.py (or None).
+    `super_resolve` below runs it on images."""
 
-    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, pixel_head=0):
+    def __init__(self, unet, ae, context, upsample="bicubic", flat_gate=0.0, pixel_head=0, texture=0):
         super().__init__()
         if (flat_gate or pixel_head) and not isinstance(ae, PixelAutoencoder):
             raise ValueError("FlowSR: the flat gate and the pixel head need the pixel autoencoder")
         self.unet, self.ae, self.upsample, self.flat_gate = unet, ae, upsample, flat_gate
         self.head = PixelHead(ae, unet.config.out_channels, pixel_head) if pixel_head else None
+        # last: drawing its initial weights leaves the UNet's and the head's those of a model without it
+        self.texture = texture_model.TexturePredictor(texture) if texture else None
         self.register_buffer("context", context, persistent=False)  # (1, L, D)
 
     def forward(self, z, timesteps, context=None):
@@ -179,15 +184,17 @@ class FlowSR(nn.Module):
 
     def config_dict(self):
         return {"unet": self.unet.config.to_dict(), "autoencoder": self.ae.to_dict(), "upsample": self.upsample,
-                "flat_gate": self.flat_gate, "pixel_head": self.head.conv_in.out_channels if self.head else 0}
+                "flat_gate": self.flat_gate, "pixel_head": self.head.conv_in.out_channels if self.head else 0,
+                "texture": self.texture.net[0].out_channels if self.texture else 0}
 
     # ---- building -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, pixel_head=TINY_PIXEL_HEAD):
+    def tiny(cls, upsample="bicubic", flat_gate=TINY_FLAT_GATE, pixel_head=TINY_PIXEL_HEAD, texture=TINY_TEXTURE):
         ae = PixelAutoencoder()
         config = tiny_unet_config(ae.latent_channels)
-        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, pixel_head)
+        return cls(UNet(config), ae, torch.zeros(1, 1, config.cross_attention_dim), upsample, flat_gate, pixel_head,
+                   texture)
 
     @classmethod
     def sd21(cls, base, prompt=None, context=None, upsample="bicubic", dtype=torch.float32, cache_dir=None,
@@ -355,7 +362,8 @@ def color_fix(result, reference, mode):
 
 @torch.no_grad()
 def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None, tile_size=None, tile_overlap=None,
-                  vae_tile_size=768, posterior="mean", generator=None, progress=False, sigmas=None):
+                  vae_tile_size=768, posterior="mean", generator=None, progress=False, sigmas=None,
+                  texture=texture_model.DEFAULT_TEMPERATURE):
     """lr: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1].
 
     steps = 1 is one-step SR (sigmas [1, 0]); more steps follow the shifted grid of schedulers.py, or the
@@ -363,6 +371,8 @@ def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None,
     upsample overrides the model's up(x_LR) mode; posterior "sample" draws z_L from the VAE posterior
     (the published code) instead of taking its mean; vae_tile_size and tile_size 0 switch tiling off, and
     tile_size and tile_overlap None take the model's own (FlowSR.default_tile_size, default_tile_overlap).
+    texture: the temperature T of texture.py's draw for a model that has a texture predictor (0: none); its noise
+    is drawn from the seed of `generator` (default 0), the same for each image, so that a result is repeatable.
     """
     device, dtype = model.context.device, model.context.dtype
     up = model.upsample_lr(lr * 2 - 1, upsample)  # (B, 3, H, W) in [-1, 1]
@@ -380,4 +390,8 @@ def super_resolve(model, lr, steps=1, shift=3.0, color="wavelet", upsample=None,
     z_H = sample(tiled_velocity(model, tile_size, tile_overlap, progress), z_L, None, sigmas)
     decode_tile = ae_tile // model.ae.downscale if ae_tile else None
     sr = model.decode(z_H, tile_size=decode_tile).clamp(-1, 1)[:, :, :H, :W].float()  # (B, 3, H, W)
-    return color_fix((sr + 1) / 2, ((up + 1) / 2).to(sr.device), color)
+    sr = color_fix((sr + 1) / 2, ((up + 1) / 2).to(sr.device), color)  # (B, 3, H, W) in [0, 1]
+    if model.texture is None or not texture:
+        return sr
+    seed = 0 if generator is None else generator.initial_seed()
+    return (sr + texture * model.texture.sample(lr.to(device, torch.float32), seed).to(sr)).clamp(0, 1)

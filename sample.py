@@ -38,6 +38,7 @@ from flowsr import FlowSR
 from plumbing.flags import describe, device_problem, flag, parse
 from plumbing.paths import path_key
 from plumbing.weights import WeightsError, first_line
+from texture import DEFAULT_TEMPERATURE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "models", "flowsr-tiny.safetensors")
@@ -70,7 +71,9 @@ class SampleConfig:
                                    "(0: no tiles)")
     posterior: str = flag("mean", "z_L from the posterior mean, or a sample of it as the published code does",
                           choices=("mean", "sample"))
-    seed: int = flag(0, "seed of --posterior sample (each image starts from it)")
+    texture: float = flag(DEFAULT_TEMPERATURE, "temperature of the texture the tiny model draws where the input "
+                          "cannot say what the detail is (texture.py; 0: none, 1: the whole predicted amount)", low=0)
+    seed: int = flag(0, "seed of --posterior sample and of the texture (each image starts from it)")
     batch_size: int = flag(1, "consecutive inputs of the same size go through the networks together, up to this "
                            "many (memory grows with it; a GPU gains most)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -93,7 +96,8 @@ def super_resolve(model, lr, cfg, generator=None, progress=False):
     """lr: (B, 3, h, w) in [0, 1] -> (B, 3, 4h, 4w) in [0, 1], with the options of the command line."""
     return flowsr.super_resolve(model, lr, cfg.steps, cfg.shift, cfg.color_fix,
                                 None if cfg.upsample == "model" else cfg.upsample,
-                                *model_tiles(cfg, model), cfg.vae_tile_size, cfg.posterior, generator, progress)
+                                *model_tiles(cfg, model), cfg.vae_tile_size, cfg.posterior, generator, progress,
+                                texture=cfg.texture)
 
 
 # ---- files -----------------------------------------------------------------------------------------------

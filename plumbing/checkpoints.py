@@ -20,13 +20,15 @@ from unet import UNet, UNetConfig
 from vae import PixelAutoencoder, vae_from_config
 
 METADATA_KEY = "flowsr_model"
+PARTS = {"head": "pixel_head", "texture": "texture"}  # the tiny preset's optional modules: {attribute: metadata key}
 
 
 def save_full(model, path, extra=None):
-    """Every UNet and pixel-head weight, the context, and the model's configs as metadata."""
+    """Every UNet, pixel-head and texture-predictor weight, the context, and the model's configs as metadata."""
     tensors = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    if model.head is not None:
-        tensors.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    for part in PARTS:
+        if getattr(model, part) is not None:
+            tensors.update({f"{part}.{k}": v for k, v in getattr(model, part).state_dict().items()})
     tensors["context"] = model.context
     save_atomic(tensors, path, {METADATA_KEY: json.dumps({**model.config_dict(), **(extra or {})})})
 
@@ -93,9 +95,10 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     flat_gate = own.get("flat_gate", 0.0)
     if isinstance(flat_gate, bool) or not isinstance(flat_gate, (int, float)) or not flat_gate >= 0:
         raise WeightsError(f"{path}: flat_gate in metadata must be a number >= 0, got {flat_gate!r}")
-    pixel_head = own.get("pixel_head", 0)
-    if isinstance(pixel_head, bool) or not isinstance(pixel_head, int) or pixel_head < 0:
-        raise WeightsError(f"{path}: pixel_head in metadata must be an integer >= 0, got {pixel_head!r}")
+    widths = {part: own.get(key, 0) for part, key in PARTS.items()}  # hidden channels; 0: the model has none
+    for part, width in widths.items():
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise WeightsError(f"{path}: {PARTS[part]} in metadata must be an integer >= 0, got {width!r}")
     state = read_state_dict(path, dtype=dtype, channels_last=channels_last)
     not_float = [k for k, v in state.items() if not v.is_floating_point()]
     if not_float:
@@ -104,13 +107,16 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     if context is None or context.dim() != 3 or context.shape[0] != 1 or \
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
-    head_state = {k.removeprefix("head."): state.pop(k) for k in [k for k in state if k.startswith("head.")]}
-    if head_state and not pixel_head:
-        raise WeightsError(f"{path}: head.* tensors but no pixel_head in the metadata")
+    part_states = {part: {k.removeprefix(f"{part}."): state.pop(k) for k in [k for k in state if k.startswith(f"{part}.")]}
+                   for part in PARTS}
+    for part, part_state in part_states.items():
+        if part_state and not widths[part]:
+            raise WeightsError(f"{path}: {part}.* tensors but no {PARTS[part]} in the metadata")
     load_strict(unet, {k.removeprefix("unet."): v for k, v in state.items()}, path)
-    model = cls(unet, ae, context, upsample, float(flat_gate), pixel_head)
-    if model.head is not None:
-        load_strict(model.head.to(context.dtype), head_state, path)
+    model = cls(unet, ae, context, upsample, float(flat_gate), widths["head"], widths["texture"])
+    for part in PARTS:
+        if getattr(model, part) is not None:
+            load_strict(getattr(model, part).to(context.dtype), part_states[part], path)
     return model
 
 

@@ -123,17 +123,39 @@ class Ranks:
                 g.copy_(chunk.view_as(g))
 
 
+def setup(cfg, presets):
+    """train.py's start: fill the preset's defaults into cfg (presets: {preset: {field: value}}) and check
+    the config; start the process group under torchrun; pick the device. Returns the Ranks."""
+    defaults = presets[cfg.preset]
+    unset = dict(batch_size=0, crop_size=0, lr=0, stage2_lr=0, degradation="preset", flat_prob=-1)
+    for key, marker in unset.items():
+        if getattr(cfg, key) == marker:
+            setattr(cfg, key, defaults[key])
+    if cfg.flat_prob < 0:
+        raise TrainingError(f"--flat-prob {cfg.flat_prob}: must be in [0, 1] (-1: the preset's)")
+    if cfg.grad_checkpointing == "auto":
+        cfg.grad_checkpointing = "on" if defaults["grad_checkpointing"] else "off"
+    if cfg.init and cfg.stage != "2":
+        raise TrainingError("--init is the stage-1 model for --stage 2; here stage 2 starts from the stage 1 trained")
+    if cfg.preset == "sd21" and not cfg.base:
+        raise TrainingError("--preset sd21 needs --base (an SD 2.1-base diffusers folder or single file)")
+    if cfg.batch_size % cfg.grad_accum:
+        raise TrainingError(f"--batch-size {cfg.batch_size} does not split into --grad-accum {cfg.grad_accum}")
+    return Ranks.start(cfg.device)
+
+
 def synced_step(optimizer, ranks, max_norm=0.0, finite=True):
     """Average the gradients over the ranks, clip their norm to max_norm (0: no clipping) and step, unless a
-    loss (`finite` false on any rank) or the gradient is not finite: then nothing is updated. Returns the
-    gradient norm, or None for a skipped step."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    ranks.average_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-    if ranks.any(not finite) or not torch.isfinite(grad_norm):  # the norm is the same on all ranks
+    loss (`finite` false on any rank) or the gradient is not finite: then nothing is updated. Each parameter group
+    is clipped on its own, so that a second model in the optimizer (stage 1's texture predictor) does not scale
+    the first one's steps. Returns the first group's gradient norm, or None for a skipped step."""
+    ranks.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+    norms = [torch.nn.utils.clip_grad_norm_(group["params"], max_norm or float("inf"))
+             for group in optimizer.param_groups]
+    if ranks.any(not finite) or not all(torch.isfinite(norm) for norm in norms):  # the same on all ranks
         return None
     optimizer.step()
-    return grad_norm.item()
+    return norms[0].item()
 
 
 @contextlib.contextmanager

@@ -170,13 +170,13 @@ def check_resumable(path, saved, current):
 
 def check_stage1_flags(path, cfg, model):
     """Stage 2 goes on from the stage-1 model in `path`; flags that describe another model (its up-sampling, and
-    the tiny preset's flat gate and pixel head) are refused rather than ignored."""
+    the tiny preset's flat gate, pixel head and texture predictor) are refused rather than ignored."""
     recorded = json_object(read_metadata(path).get(METADATA_KEY, "{}"), path, f"'{METADATA_KEY}' metadata")
     if recorded.get("stage") == 2:
         raise TrainingError(f"{path} is a stage-2 model; stage 2 distils a stage-1 model (its teacher)")
     if cfg.preset == "tiny":  # `model` was rebuilt from the file
         saved = {"upsample": model.upsample, "flat_gate": model.flat_gate,
-                 "pixel_head": model.config_dict()["pixel_head"]}
+                 "pixel_head": model.config_dict()["pixel_head"], "texture": model.config_dict()["texture"]}
     else:  # `model` was built from the flags; the file's up-sampling is what loading it would use
         saved = {"upsample": recorded_upsample(path)}
     check_resumable(path, saved, {name: getattr(cfg, name) for name in saved})

@@ -132,7 +132,7 @@ def test_config_is_printed_at_start_and_stored_in_every_checkpoint(trained):
     assert lines[0] == "config:" and "  max_steps          = 2" in lines and "  crop_size          = 32" in lines
     assert lines[-1] == f"saved: {out / 'stage2.safetensors'}"
     expected = train.parse(train.TrainConfig, args("", out))
-    train.setup(expected)  # the preset's defaults filled in, as printed
+    training.setup(expected, train.PRESETS)  # the preset's defaults filled in, as printed
     for stage in (1, 2):
         meta = json.loads(read_metadata(out / f"stage{stage}.safetensors")["flowsr_model"])
         assert meta["stage"] == stage and meta["step"] == 2
@@ -149,6 +149,28 @@ def test_checkpoint_rebuilds_the_trained_model(trained):
     with torch.no_grad():
         assert torch.equal(rebuilt(z, t), model.eval()(z, t))
     assert rebuilt.upsample == model.upsample and len(rebuilt.state_dict()) == len(model.state_dict())
+
+
+def test_stage1_fits_the_texture_predictor_without_changing_the_flow(trained, photos, tmp_path):
+    """Stage 1 trains texture.py's predictor beside the flow, each clipped on its own: the flow's weights are those
+    of a run without a predictor, bit for bit. Stage 2 keeps the predictor as stage 1 left it, and a stage 2 whose
+    --texture differs from its stage-1 model's is refused."""
+    _, _, out = trained
+    clipped = ("--stage", "1", "--grad-clip", "1e-4")  # every step clipped: a shared norm would show
+    with_texture, _ = run(args(photos, tmp_path / "a", *clipped, steps=3))
+    plain, _ = run(args(photos, tmp_path / "b", *clipped, "--texture", "0", steps=3))
+    assert plain.texture is None and with_texture.texture is not None
+    flow = {k: v for k, v in with_texture.state_dict().items() if not k.startswith("texture.")}
+    assert flow.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in flow.items())
+    torch.manual_seed(0)
+    fresh = FlowSR.tiny()  # the initial weights of the run (seed 0)
+    assert not torch.equal(fresh.texture.net[0].weight, with_texture.texture.net[0].weight)  # it trained
+    distilled, stage1 = FlowSR.load(out / "stage2.safetensors"), FlowSR.load(out / "stage1.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(distilled.texture.parameters(), stage1.texture.parameters()))
+    result, _ = run(args(photos, tmp_path / "s2", "--stage", "2", "--init", str(out / "stage1.safetensors"),
+                         "--texture", "0"))
+    one_line_error(result, "texture")
 
 
 # ---- the method ------------------------------------------------------------------------------------------
@@ -283,7 +305,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(photos, tmp_path, monkeypa
     result, stdout = run(args(photos, tmp_path, "--stage", "1", "--resume", "--max-steps", "2", "--lr", "1e-4"))
     assert isinstance(result, FlowSR) and "resumed stage 1 at step 1" in stdout
     assert "note: resuming with changed settings: max_steps 1 -> 2, lr 0.0002 -> 0.0001" in stdout
-    assert learning_rates == [1e-4]  # the changed rate is the one used, not the one saved with the moments
+    assert learning_rates == [1e-4, 1e-3]  # the flow's changed rate is used, not the one saved (then the texture's)
     monkeypatch.undo()
     del saved["optimizer"]
     torch.save(saved, tmp_path / "stage1_state.pt")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from plumbing import weights
+from plumbing import training, weights
 from consistency import ConsistencyFlowDistillation
 from flow import RectifiedSRFlow
 from test_train import photos, run  # noqa: F401 (photos: a fixture)
@@ -351,15 +351,15 @@ def test_unset_values_are_the_presets(tmp_path):
     """The blurred-smooth share of crops is the tiny preset's choice (SPEC 1); sd21 trains as SPEC 6 says."""
     for preset, argv in (("tiny", []), ("sd21", ["--base", str(tmp_path)])):
         cfg = train.parse(train.TrainConfig, ["--preset", preset, *argv])
-        train.setup(cfg)
+        training.setup(cfg, train.PRESETS)
         assert cfg.flat_prob == train.PRESETS[preset]["flat_prob"] and cfg.batch_size == train.PRESETS[preset][
             "batch_size"] and cfg.degradation == train.PRESETS[preset]["degradation"]
     assert train.PRESETS["tiny"]["flat_prob"] == 0.3 and train.PRESETS["sd21"]["flat_prob"] == 0
     cfg = train.parse(train.TrainConfig, ["--flat-prob", "0"])
-    train.setup(cfg)
+    training.setup(cfg, train.PRESETS)
     assert cfg.flat_prob == 0  # 0 is a value, not "unset"
     with pytest.raises(train.TrainingError, match=r"--flat-prob -0\.5: must be in \[0, 1\] \(-1: the preset's\)"):
-        train.setup(train.parse(train.TrainConfig, ["--flat-prob", "-0.5"]))
+        training.setup(train.parse(train.TrainConfig, ["--flat-prob", "-0.5"]), train.PRESETS)
 
 
 def test_out_dir_inside_the_data_in_another_case_where_case_is_ignored(photos, tmp_path, monkeypatch):
@@ -505,7 +505,6 @@ def test_warnings_while_training_are_one_line_each(capfd, workers):
 @pytest.mark.parametrize("nccl", [True, False])
 def test_process_group_backend_is_one_the_platform_has(monkeypatch, nccl):
     """NCCL exists on Linux only: CUDA ranks elsewhere (Windows) use gloo; MPS has no backend and is refused."""
-    from plumbing import training
     backends = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -526,7 +525,6 @@ def test_workers_are_created_with_the_stop_signals_blocked_and_none_is_lost(phot
     the run. Workers are created with SIGINT / SIGTERM blocked (they keep that mask); a signal that comes
     meanwhile reaches the run's handler once they are unblocked: the run still saves and stops."""
     from data import HRFolderDataset
-    from plumbing import training
     blocked, real_iter = [], torch.utils.data.DataLoader.__iter__
 
     def iter_under_a_sigterm(loader):
@@ -547,7 +545,6 @@ def test_workers_are_created_with_the_stop_signals_blocked_and_none_is_lost(phot
 def test_a_second_ctrl_c_stops_at_once_in_one_line():
     """The first Ctrl-C asks for a save at the end of the step; a second one (while that checkpoint is written,
     say) stops at once: one TrainingError line, which train.py prints, not a traceback."""
-    from plumbing import training
     with pytest.raises(training.TrainingError, match="stopped at once by a Ctrl-C after the stop request; .*resume"):
         with training.Interrupted() as interrupted:
             os.kill(os.getpid(), signal.SIGINT)

@@ -22,6 +22,7 @@ from data import to_model
 from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
 from flowsr import UNET_LORA_TARGETS, FlowSR, super_resolve, vae_encoder_targets
+from plumbing import training
 from plumbing.training import LogWindow
 from test_flowsr import build_sd_folder
 from test_train_reliability import args, assert_same_run, photos, run, signal_at  # noqa: F401 (fixture)
@@ -228,7 +229,7 @@ def stage1_dir(sd_folder, photos, tmp_path_factory):
 
 def build_stage2(photos, out, folder, encoder):
     cfg = train.parse(train.TrainConfig, sd21_args(photos, out, folder, "--stage2-encoder", encoder))
-    ranks = train.setup(cfg)
+    ranks = training.setup(cfg, train.PRESETS)
     return cfg, ranks, train.build_stage2(cfg, ranks.device, print)
 
 
