@@ -11,17 +11,20 @@ draw that has the right amount in the right place:
                                      up-sampling x lacks), zero-mean Gaussian of a local variance v_k that a small
                                      CNN predicts from x
     nll = log v_k + e_k / v_k        its Gaussian negative log-likelihood, e_k = the local energy of band k of
-                                     grey(x_HR - x): the minimiser is v_k = E[e_k | x]   (train.py, stage 1)
+                                     grey(x_HR - x): the minimiser is v_k = E[e_k | x]   (fit_loss, stage 1)
     x_SR <- x_SR + T sum_k sqrt(v_k) n_k    n_k = band k of white noise at unit variance; T the temperature
 
 The phase of what is added is random: it is texture of the right amount and scale, never the photo's own. T = 1
 adds the whole predicted amount (a Gaussian posterior sample); DEFAULT_TEMPERATURE trades 0.2-0.6 dB of PSNR-Y for
 a far more natural image by NIQE (bench/README.md, "Texture of the right amount"). On smooth content the
-predicted variance is nearly 0: the predictor learns from blurred training crops, whose missing detail is nil.
+predicted variance is nearly 0: the predictor learns from blurred copies of its crops, whose missing detail is nil.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import gaussian_blur
+from degradations import degrade_bicubic
 
 # cycles per pixel: from where bicubic x4's response has fallen to about half (the LR's Nyquist is 0.125) to the
 # corner of the spectrum, in two rings, so that fine and finer detail each get their own amount
@@ -81,6 +84,16 @@ class TexturePredictor(nn.Module):
         energy = F.avg_pool2d(bands(grey(hr - x)) ** 2, 4)  # (B, K, H/4, W/4)
         log_v = self(x)
         return (log_v + energy / log_v.exp()).mean()
+
+    def fit_loss(self, hr):
+        """What stage 1 adds to its loss: the nll of HR crops hr (B, 3, H, W) in [0, 1] and of copies of them
+        blurred smooth (sigma 2 to 6 px across the batch), each with its clean bicubic x4 LR. A smooth LR can
+        come from a blurred photo or from fine grain that down-sampling erased; the copies teach the predictor
+        that smooth content lacks nothing, so that it stays smooth (texture on a blurred photo or a sky is an
+        error anyone sees)."""
+        sigmas = torch.linspace(2, 6, len(hr)).tolist()
+        hr = torch.cat([hr, torch.stack([gaussian_blur(x, sigma) for x, sigma in zip(hr, sigmas)])])  # (2B, 3, H, W)
+        return self.nll(degrade_bicubic(hr, 4), hr)
 
     def sample(self, lr, seed=0):
         """sum_k sqrt(v_k) n_k: grey texture (B, 1, 4h, 4w) of the predicted local amount for lr (B, 3, h, w),

@@ -30,7 +30,6 @@ import lora
 import losses
 from consistency import ConsistencyFlowDistillation, update_ema
 from data import DEGRADATIONS, ImageError
-from degradations import degrade_bicubic
 from flow import RectifiedSRFlow
 from flowsr import (FLOWSR_PROMPT, TINY_FLAT_GATE, TINY_PIXEL_HEAD, TINY_TEXTURE, UNET_LORA_TARGETS, FlowSR,
                     vae_encoder_targets)
@@ -209,9 +208,8 @@ def stage1_step(cfg, stage, batch, generator, ranks):
             # where f = z_t - t v_theta(z_t, t) is the HR latent implied at z_t = (1 - t) z_H + t z_L
             loss, per_example, stats = stage.objective.loss(stage.model, x_hr, z_H, z_L, t, None)
         report.add(loss, per_example, stats, t)
-        if stage.model.texture is not None:  # texture.py's predictor, on the same crops' clean bicubic LR
-            hr = (x_hr.float() + 1) / 2
-            texture_nll = stage.model.texture.nll(degrade_bicubic(hr, 4), hr)
+        if stage.model.texture is not None:  # texture.py's predictor, on the same crops (and smooth copies)
+            texture_nll = stage.model.texture.fit_loss((x_hr.float() + 1) / 2)
             report.stats["texture_nll"] = report.stats.get("texture_nll", 0.0) + texture_nll.item() / cfg.grad_accum
             loss = loss + texture_nll  # its own parameters, its own clipped norm (synced_step): the flow's steps stay
         (loss / cfg.grad_accum).backward()

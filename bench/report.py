@@ -35,6 +35,14 @@ def write_results(stem, report, markdown):
     write_atomic(stem + ".md", lambda f: f.write(markdown.encode()))
 
 
+def publish(stem, report, markdown):
+    """write_results into STEM's folder (made if missing), then the markdown and where it went, on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    write_results(stem, report, markdown)
+    print(markdown)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
 def check_work_dir(work_dir, settings, name="settings.json"):
     """A work dir holds runs of one set of settings: reuse them only for the same ones (else exit, one line)."""
     path = os.path.join(work_dir, name)

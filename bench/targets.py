@@ -32,7 +32,7 @@ from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from plumbing.weights import WeightsError  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
-from report import machine, run_main, write_results  # noqa: E402
+from report import machine, publish, run_main  # noqa: E402
 from reproduce import GET_REALESRGAN, KINDS, cached, flat_set, heldout_set, timed, to_8bit  # noqa: E402
 
 FIDELITY_SLACK, NIQE_GAIN, FLAT_SLACK = 0.5, 2.0, 1.0  # dB, NIQE points, dB: the targets above
@@ -165,10 +165,7 @@ def main(argv=None):
               "photos": [f"{name} {hr.shape[2]}x{hr.shape[1]}" for name, hr, _ in images],
               "labels": {key: label for key, (label, _) in methods.items()},
               "results": {key: {f"{name}|{kind}": v for (name, kind), v in r.items()} for key, r in results.items()}}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    write_results(cfg.out, report, markdown(report))
-    print(markdown(report))
-    print(f"wrote {cfg.out}.json and {cfg.out}.md")
+    publish(cfg.out, report, markdown(report))
 
 
 if __name__ == "__main__":

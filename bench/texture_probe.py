@@ -31,7 +31,7 @@ from evaluate import psnr_y  # noqa: E402
 from flowsr import FlowSR, super_resolve  # noqa: E402
 from plumbing.flags import describe, flag, parse  # noqa: E402
 from realesrgan import load_realesrgan_x4plus, upscale  # noqa: E402
-from report import machine, run_main, write_results  # noqa: E402
+from report import machine, publish, run_main  # noqa: E402
 from reproduce import KINDS, cached, flat_set, heldout_set, jpeg, timed, to_8bit  # noqa: E402
 from targets import FIDELITY_SLACK, FLAT_SLACK, NIQE_GAIN, niqe_score  # noqa: E402
 from texture import bands, bicubic_x4, grey, unit_bands  # noqa: E402
@@ -178,10 +178,7 @@ def main(argv=None):
               "checkpoint": os.path.relpath(cfg.checkpoint, ROOT), "notes": notes, "flat": flat,
               "verdicts": verdicts(rows, images),
               "rows": {row: {f"{name}|{kind}": v for (name, kind), v in scores.items()} for row, scores in rows.items()}}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    write_results(cfg.out, report, markdown(report))
-    print(markdown(report))
-    print(f"wrote {cfg.out}.json and {cfg.out}.md")
+    publish(cfg.out, report, markdown(report))
 
 
 if __name__ == "__main__":

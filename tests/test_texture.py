@@ -79,6 +79,20 @@ def test_predictor_learns_where_detail_is_missing():
     assert in_bands / 2 < v_red < 2 * in_bands
 
 
+def test_fit_loss_adds_smooth_copies_of_the_crops():
+    """Stage 1's loss sees each crop and a copy blurred smooth (sigma 2 .. 6 across the batch), each with its
+    8-bit bicubic LR: the copies are what keep the predicted variance near 0 on smooth content."""
+    from data import gaussian_blur
+    from degradations import degrade_bicubic
+    torch.manual_seed(0)
+    predictor = TexturePredictor(8)
+    hr = torch.rand(3, 3, 32, 32)
+    copies = torch.stack([gaussian_blur(hr[0], 2.0), gaussian_blur(hr[1], 4.0), gaussian_blur(hr[2], 6.0)])
+    both = torch.cat([hr, copies])
+    assert torch.allclose(predictor.fit_loss(hr), predictor.nll(degrade_bicubic(both, 4), both))
+    assert not torch.allclose(predictor.fit_loss(hr), predictor.nll(degrade_bicubic(hr, 4), hr))
+
+
 def test_sample_has_the_predicted_variance_and_is_grey_and_repeatable():
     predictor = constant_predictor([math.log(4e-4), math.log(1e-4)])
     lr = torch.rand(2, 3, 16, 24)
@@ -130,3 +144,23 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
             FlowSR.load(bad)
     FlowSR.tiny(texture=0).save(str(tmp_path / "plain.safetensors"))
     assert FlowSR.load(str(tmp_path / "plain.safetensors")).texture is None
+
+
+def test_probe_oracle_has_the_photos_local_amount_and_the_gate_shuts_on_smooth_input():
+    """bench/texture_probe.py: the oracle's draw has, region by region, the RMS of the HR photo's own missing
+    detail in the bands; the detail gate is 0 on a smooth input and opens on texture."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import texture_probe
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 3, 64, 128), 0.5)
+    grain = bands(torch.randn(1, 1, 64, 128, generator=g)).sum(1, keepdim=True)  # (1, 1, H, W), in the bands
+    grain = 0.02 * grain / grain.std()
+    grain[..., 64:] *= 0.25  # the right half has a quarter of the detail
+    hr = x + grain
+    drawn = texture_probe.oracle_texture(x, hr, seed=1)
+    left, right = drawn[..., 12:52, 12:52].std(), drawn[..., 12:52, 76:116].std()
+    assert 0.8 * 0.02 < left < 1.2 * 0.02 and 0.8 * 0.005 < right < 1.2 * 0.005
+    assert texture_probe.detail_gate(x, 3).max() == 0
+    assert texture_probe.detail_gate(hr, 3)[..., :64].min() > 0.5
