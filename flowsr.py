@@ -5,6 +5,7 @@ and the inference pipeline that runs it.
     z_L  = s * E(x)                           (SPEC 1)
     z_H  = flow.sample(v, z_L, sigmas)        (SPEC 2: one Euler step from t = 1 to t = 0 is one-step SR)
     x_SR = colour_fix(D(z_H / s), x)          (SPEC 7)
+    x_SR = x_SR + T texture draw              (tiny preset: texture.py, temperature T; 0 for sd21, which has none)
 
 `FlowSR` is what train.py trains and what sample.py runs. It is built from a preset (`tiny`: pixel
 autoencoder + a small UNet, trains on a CPU; `sd21`: Stable Diffusion 2.1-base with the CLIP embedding of

