@@ -188,10 +188,11 @@ def latents(model, x_hr, x_lr):
 
 def build_stage1(cfg, device, say):
     model = build_model(cfg, device)
-    texture = list(model.texture.parameters()) if model.texture is not None else []
-    groups = [{"params": [p for p in trainable(model) if all(p is not q for q in texture)]}]
-    optimizer = torch.optim.AdamW(groups + [{"params": texture, "lr": cfg.texture_lr}] * bool(texture), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    flow_params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("texture.")]
+    groups = [{"params": flow_params}]
+    if model.texture is not None:  # a group of its own, so that synced_step clips it on its own
+        groups.append({"params": list(model.texture.parameters()), "lr": cfg.texture_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     flow = RectifiedSRFlow(model.ae, load_lpips(cfg, device, say), cfg.lpips_weight, cfg.latent_weight)
     return Stage(1, model, flow, optimizer)
 
@@ -207,11 +208,10 @@ def stage1_step(cfg, stage, batch, generator, ranks):
             # L1 = ||D(f/s) - x_HR||^2 + lambda_lpips LPIPS(D(f/s), x_HR) (+ latent_weight ||v - (z_L - z_H)||^2),
             # where f = z_t - t v_theta(z_t, t) is the HR latent implied at z_t = (1 - t) z_H + t z_L
             loss, per_example, stats = stage.objective.loss(stage.model, x_hr, z_H, z_L, t, None)
-        report.add(loss, per_example, stats, t)
         if stage.model.texture is not None:  # texture.py's predictor, on the same crops (and smooth copies)
             texture_nll = stage.model.texture.fit_loss((x_hr.float() + 1) / 2)
-            report.stats["texture_nll"] = report.stats.get("texture_nll", 0.0) + texture_nll.item() / cfg.grad_accum
-            loss = loss + texture_nll  # its own parameters, its own clipped norm (synced_step): the flow's steps stay
+            loss, stats["texture_nll"] = loss + texture_nll, texture_nll.item()  # own group, own clip: flow unchanged
+        report.add(loss, per_example, stats, t)
         (loss / cfg.grad_accum).backward()
     grad_norm = synced_step(stage.optimizer, ranks, cfg.grad_clip, report.finite)
     if grad_norm is None:
