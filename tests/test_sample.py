@@ -33,6 +33,7 @@ from plumbing.weights import read_metadata
 
 BUNDLED = sample.BUNDLED_MODEL
 TARGETS_RESULTS = os.path.join(ROOT, "bench", "results", "targets_heldout.json")  # what bench/targets.py measured
+REALESRGAN_INPUTS = os.path.join(ROOT, "tests", "data", "heldout_realesrgan")  # its Real-ESRGAN inputs, as files
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------------
@@ -684,18 +685,20 @@ def psnr(a, b):
 
 def heldout_inputs():
     """[(stem, HR (3, H, W), {kind: LR (3, H/4, W/4)})] for the held-out photos, whole but for a centre cut to
-    multiples of 16, degraded as bench/reproduce.py does."""
+    multiples of 16, degraded as bench/reproduce.py does; the Real-ESRGAN inputs are its draws as files
+    (REALESRGAN_INPUTS), since the floor releases (torch 2.5.1, Pillow 10.1.0) draw others from the same seeds."""
     from data import load_image
-    from degradations import degrade_bicubic, degrade_realesrgan, jpeg
+    from degradations import degrade_bicubic, jpeg
     items = []
-    for i, name in enumerate(sorted(os.listdir(os.path.join(PHOTOS, "heldout")))):
+    for name in sorted(os.listdir(os.path.join(PHOTOS, "heldout"))):
         hr = load_image(os.path.join(PHOTOS, "heldout", name))[0]
         h, w = hr.shape[1] // 16 * 16, hr.shape[2] // 16 * 16
         top, left = (hr.shape[1] - h) // 2, (hr.shape[2] - w) // 2  # the centre, as bench/reproduce.py cuts it
         hr = hr[:, top:top + h, left:left + w]
-        lr = degrade_bicubic(hr, 4)
-        items.append((os.path.splitext(name)[0], hr, {"bicubic": lr, "jpeg75": jpeg(lr, 75),
-                                 "realesrgan": degrade_realesrgan(hr, 4, torch.Generator().manual_seed(i))}))
+        stem, lr = os.path.splitext(name)[0], degrade_bicubic(hr, 4)
+        degraded = load_image(os.path.join(REALESRGAN_INPUTS, stem + ".png"))[0]
+        assert degraded.shape[1:] == lr.shape[1:], stem
+        items.append((stem, hr, {"bicubic": lr, "jpeg75": jpeg(lr, 75), "realesrgan": degraded}))
     return items
 
 
@@ -724,7 +727,7 @@ def test_bundled_model_does_no_harm_to_fidelity(kind):
         sr = (sample.super_resolve(model, lr, cfg) * 255).round() / 255  # as the 8-bit file is
         psnr_sr, psnr_bicubic = psnr_y(sr, hr[None]).item(), psnr_y(bicubic_x4(lr), hr[None]).item()
         key, peer = f"{name}|{kind}", math.inf
-        # the recorded peer applies to the same input only (another torch may draw another degradation)
+        # the recorded peer applies to the same input only (the JPEG input is encoded here, by this Pillow)
         if recorded and abs(recorded["bicubic"][key][0] - psnr_bicubic) < 0.01:
             peer = recorded["realesrgan"][key][0]
         floor = min(psnr_bicubic, peer) - 0.5
