@@ -686,7 +686,7 @@ def psnr(a, b):
 def heldout_inputs():
     """[(stem, HR (3, H, W), {kind: LR (3, H/4, W/4)})] for the held-out photos, whole but for a centre cut to
     multiples of 16, degraded as bench/reproduce.py does; the Real-ESRGAN inputs are its draws as files
-    (REALESRGAN_INPUTS), since the floor releases (torch 2.5.1, Pillow 10.1.0) draw others from the same seeds."""
+    (REALESRGAN_INPUTS), since torch 2.5.1 draws others from the same seeds."""
     from data import load_image
     from degradations import degrade_bicubic, jpeg
     items = []
