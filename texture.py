@@ -41,11 +41,14 @@ def grey(x):
 
 
 def bands(x):
-    """(B, 1, H, W) -> (B, K, H, W): x filtered to each of BANDS (disjoint rings of the FFT, periodic borders)."""
+    """(B, 1, H, W) -> (B, K, H, W): x filtered to each of BANDS (disjoint rings of the FFT, periodic borders).
+    The rings are symmetric and x is real, so half the spectrum (rfft2) holds all of it: half the memory of fft2
+    on a large image, one band at a time."""
     height, width = x.shape[-2:]
-    radius = torch.fft.fftfreq(height, device=x.device)[:, None].hypot(torch.fft.fftfreq(width, device=x.device))
-    masks = torch.stack([(radius >= lo) & (radius < hi) for lo, hi in BANDS])  # (K, H, W)
-    return torch.fft.ifft2(torch.fft.fft2(x.float()) * masks).real
+    radius = torch.fft.fftfreq(height, device=x.device)[:, None].hypot(torch.fft.rfftfreq(width, device=x.device))
+    spectrum = torch.fft.rfft2(x.float())  # (B, 1, H, W/2 + 1)
+    return torch.cat([torch.fft.irfft2(spectrum * ((radius >= lo) & (radius < hi)), s=(height, width))
+                      for lo, hi in BANDS], dim=1)
 
 
 def unit_bands(height, width, seed, device):
