@@ -20,11 +20,12 @@ def constant_predictor(log_v):
     return predictor
 
 
-def test_bands_are_disjoint_rings_of_the_spectrum():
-    x = torch.randn(1, 1, 48, 64, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("height, width", [(48, 64), (45, 61)])  # odd sizes: half spectra need the size back
+def test_bands_are_disjoint_rings_of_the_spectrum(height, width):
+    x = torch.randn(1, 1, height, width, generator=torch.Generator().manual_seed(0))
     split = bands(x)  # (1, K, H, W)
-    assert split.shape == (1, len(BANDS), 48, 64)
-    radius = torch.fft.fftfreq(48)[:, None].hypot(torch.fft.fftfreq(64))
+    assert split.shape == (1, len(BANDS), height, width)
+    radius = torch.fft.fftfreq(height)[:, None].hypot(torch.fft.fftfreq(width))
     spectrum = torch.fft.fft2(x)[0, 0]
     for k, (lo, hi) in enumerate(BANDS):
         inside = (radius >= lo) & (radius < hi)
