@@ -30,6 +30,7 @@ from conftest import PHOTOS, ROOT
 from flowsr import FLOWSR_PROMPT, FlowSR
 from test_flowsr import SD1_TEXT_WIDTH, build_sd_folder, noisy_, published_case
 from plumbing.weights import read_metadata
+from texture import bicubic_x4
 
 BUNDLED = sample.BUNDLED_MODEL
 TARGETS_RESULTS = os.path.join(ROOT, "bench", "results", "targets_heldout.json")  # what bench/targets.py measured
@@ -574,7 +575,7 @@ class ConstantVelocity(nn.Module):
 def test_multi_step_grid_and_euler_steps():
     model = FlowSR(ConstantVelocity(), FlowSR.tiny().ae, torch.zeros(1, 1, 4)).eval()
     lr = to_tensor(photo(12, 8))
-    up = F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+    up = bicubic_x4(lr)
     for steps, timesteps in ((1, [1000.0]), (2, [1000.0, 8.93]), (4, [1000.0, 857.69, 602.15, 8.93])):
         model.unet.calls.clear()
         cfg = parse(sample.SampleConfig, ["x", "--steps", str(steps), "--color-fix", "none"])
@@ -589,7 +590,7 @@ def test_color_fix_modes(models):
     model.flat_gate = 0.0  # the random network's velocity everywhere, not only where the photo has detail
     model.texture = None  # the colour fix alone: texture is drawn after it
     lr = to_tensor(photo(16, 12))
-    up = F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
+    up = bicubic_x4(lr)
     out = {mode: sample.super_resolve(model, lr, parse(sample.SampleConfig, ["x", "--color-fix", mode]))
            for mode in ("none", "wavelet", "adain")}
     assert (out["none"] - out["wavelet"]).abs().mean() > 0.01  # measured 0.023
@@ -700,10 +701,6 @@ def heldout_inputs():
         assert degraded.shape[1:] == lr.shape[1:], stem
         items.append((stem, hr, {"bicubic": lr, "jpeg75": jpeg(lr, 75), "realesrgan": degraded}))
     return items
-
-
-def bicubic_x4(lr):
-    return F.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
 
 
 @needs_bundled
